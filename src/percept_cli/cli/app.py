@@ -1,0 +1,49 @@
+"""The ``percept`` command: this file only assembles the subcommands.
+
+Each subcommand lives in its own module, parses its options, calls one library
+function and renders. No heavy import (torch, open_clip) happens here, so
+``percept --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from .. import __version__
+from . import distance, models
+
+app = typer.Typer(
+    name="percept",
+    help="Robust perceptual distance from adversarially robust CLIP/DINO encoders.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"percept {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True,
+                                                          help="Show the version and exit.")] = None) -> None:
+    """Robust perceptual distance from adversarially robust CLIP/DINO encoders."""
+
+
+app.command("distance", help=distance.HELP, no_args_is_help=False)(distance.distance)
+app.add_typer(models.app, name="models")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

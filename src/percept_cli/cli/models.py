@@ -1,0 +1,95 @@
+"""``percept models list|info|download``: the zoo, and model files in the Hugging Face cache."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Annotated, Optional
+
+import typer
+
+from .errors import handle_errors
+from .options import CheckpointOpt, JsonOpt, QuietOpt
+from .output import Output
+
+app = typer.Typer(help="List the model zoo, inspect and download models.", no_args_is_help=True)
+
+NameArg = Annotated[str, typer.Argument(help="Zoo name, hf-hub:ORG/NAME[@REV] or a local model directory.")]
+
+
+def _pct(value: Optional[float]) -> str:
+    return "–" if value is None else f"{value:.1f}"
+
+
+@app.command("list")
+@handle_errors
+def list_command(json: JsonOpt = False) -> None:
+    """The named models, with the NIGHTS 2AFC accuracy their authors report."""
+    from ..zoo import DEFAULT_MODEL, list_models
+
+    specs = list_models()
+    payload = {"default": DEFAULT_MODEL,
+               "models": [{**asdict(s), "nights": asdict(s.nights), "aliases": list(s.aliases)} for s in specs]}
+
+    def render(console):
+        from rich.table import Table
+
+        table = Table(title="percept model zoo  (NIGHTS 2AFC %: clean / l_inf 4/255 / l2 3)", header_style="bold")
+        for col, kw in (("name", {"no_wrap": True}), ("metric", {}), ("backbone", {"no_wrap": True}),
+                        ("robust FT", {"no_wrap": True}),
+                        ("clean", {"justify": "right"}), ("l_inf", {"justify": "right"}),
+                        ("l2", {"justify": "right"}), ("source", {"overflow": "fold"})):
+            table.add_column(col, **kw)
+        for s in specs:
+            name = f"{s.name} (default)" if s.name == DEFAULT_MODEL else s.name
+            ft = "–" if s.method == "none" else f"{s.method} {s.threat.replace('l_inf ', '')}"
+            table.add_row(name, s.label, s.backbone, ft, _pct(s.nights.clean), _pct(s.nights.linf),
+                          _pct(s.nights.l2), s.source)
+        console.print(table)
+        console.print("– : no number published. Sources of each number: docs/models.md.", style="dim")
+
+    Output(json).result(payload, render)
+
+
+@app.command("info")
+@handle_errors
+def info_command(name: NameArg, checkpoint: CheckpointOpt = None, json: JsonOpt = False) -> None:
+    """Source, resolved revision and cache path of a model (never downloads)."""
+    from ..loading import describe_model
+
+    info = describe_model(name, checkpoint)
+
+    def render(console):
+        from rich.table import Table
+
+        table = Table(show_header=False, box=None)
+        table.add_column(style="bold")
+        table.add_column()
+        for key in ("name", "zoo", "label", "backbone", "method", "source", "family", "requested_revision",
+                    "present", "revision", "path", "weights", "cache_dir", "image_size"):
+            if info.get(key) is not None:
+                table.add_row(key, str(info[key]))
+        if info.get("nights"):
+            n = info["nights"]
+            table.add_row("NIGHTS", f"clean {_pct(n['clean'])} / l_inf {_pct(n['linf'])} / l2 {_pct(n['l2'])}")
+        console.print(table)
+        if not info["present"]:
+            console.print(f"not cached: run `percept models download {name}` on a connected machine.")
+
+    Output(json).result(info, render)
+
+
+@app.command("download")
+@handle_errors
+def download_command(name: NameArg, json: JsonOpt = False, quiet: QuietOpt = False) -> None:
+    """Fetch a model into the Hugging Face cache ahead of time (honours HF_HOME / HF_HUB_CACHE)."""
+    from ..loading import download_model
+
+    output = Output(json, quiet)
+    if quiet or json:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    files = download_model(name)
+    payload = {"name": name, "repo_id": files.repo_id, "revision": files.revision, "path": str(files.root),
+               "files": [files.config_path.name, files.weights_path.name]}
+    output.result(payload, lambda c: c.print(f"{name}: {files.repo_id}@{files.revision} in {files.root}"))

@@ -1,0 +1,66 @@
+"""Options shared by every subcommand, defined once so help texts agree everywhere."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ..zoo import DEFAULT_MODEL
+
+MODEL_HELP = ("Zoo name (see `percept models list`), hf-hub:ORG/NAME[@REV], a local model directory, "
+              "or an OpenCLIP architecture with --checkpoint.")
+
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help=MODEL_HELP, envvar="PERCEPT_MODEL",
+                                       rich_help_panel="Model")]
+CheckpointOpt = Annotated[Optional[Path], typer.Option(
+    "--checkpoint", help="Visual-encoder weights (.safetensors, or weights-only .pt/.bin) for --model ARCH.",
+    rich_help_panel="Model")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda[:N] | mps (auto: best present).",
+                                        envvar="PERCEPT_DEVICE", rich_help_panel="Model")]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="fp32 | bf16 | fp16 for the encoder.",
+                                       rich_help_panel="Model")]
+BatchSizeOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per forward pass.",
+                                           rich_help_panel="Model")]
+WorkersOpt = Annotated[Optional[int], typer.Option(
+    "--workers", min=0, help="DataLoader workers decoding images (default: automatic).",
+    rich_help_panel="Model")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for anything random (attack random starts).",
+                                      rich_help_panel="Output")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout, nothing else.",
+                                       rich_help_panel="Output")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or status messages.",
+                                        rich_help_panel="Output")]
+
+
+@dataclass
+class Common:
+    """The common options of one invocation, and how to act on them."""
+
+    model: str = DEFAULT_MODEL
+    checkpoint: Optional[Path] = None
+    device: str = "auto"
+    dtype: str = "fp32"
+    batch_size: int = 32
+    workers: Optional[int] = None
+    seed: int = 0
+    json: bool = False
+    quiet: bool = False
+
+    def load_metric(self, out):
+        """Seed, then load the metric with a spinner on stderr."""
+        import torch
+
+        from ..metric import load_metric
+
+        torch.manual_seed(self.seed)
+        with out.status(f"Loading {self.model} ..."):
+            return load_metric(self.model, device=self.device, dtype=self.dtype, checkpoint=self.checkpoint,
+                               batch_size=self.batch_size, num_workers=self.workers)
+
+    def describe(self, metric) -> dict:
+        """The run's settings for JSON output."""
+        return {"model": metric.source.as_dict(), "device": str(metric.device), "dtype": metric.dtype_name,
+                "image_size": metric.image_size, "batch_size": self.batch_size, "seed": self.seed}

@@ -1,0 +1,87 @@
+"""All terminal output goes through one :class:`Output` object.
+
+* Results: rich tables/lines on stdout, or with ``--json`` exactly one JSON document on stdout.
+* Progress bars, status and warnings: stderr only, and progress only when stderr is a terminal
+  (and not ``--quiet``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import sys
+from typing import Any, Callable, Iterator
+
+from rich.console import Console
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+class Output:
+    """Where a command's results, progress and warnings go.
+
+    Args:
+        json_mode: print results as one JSON document on stdout.
+        quiet: no progress or informational messages on stderr (warnings about skipped
+            inputs and errors still appear).
+    """
+
+    def __init__(self, json_mode: bool = False, quiet: bool = False):
+        self.json_mode = json_mode
+        self.quiet = quiet
+        # piped stdout is not squeezed into 80 columns: tables stay one row per line
+        self.out = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
+        self.err = Console(stderr=True, highlight=False)
+
+    @property
+    def interactive(self) -> bool:
+        """Progress displays are shown only to a person watching stderr."""
+        return (not self.quiet) and sys.stderr.isatty()
+
+    def result(self, payload: dict, render: Callable[[Console], None]) -> None:
+        """Emit the command's result: ``payload`` as JSON, or ``render(stdout_console)``."""
+        if self.json_mode:
+            sys.stdout.write(json.dumps(_jsonable(payload), indent=2, allow_nan=False) + "\n")
+            sys.stdout.flush()
+        else:
+            render(self.out)
+
+    def info(self, message: str) -> None:
+        if not self.quiet:
+            self.err.print(message, markup=False)
+
+    def warn(self, message: str) -> None:
+        self.err.print(f"[yellow]warning:[/yellow] {message}", markup=True)
+
+    @contextlib.contextmanager
+    def status(self, message: str) -> Iterator[None]:
+        """A spinner on stderr while something slow happens (loading a model)."""
+        if not self.interactive:
+            yield
+            return
+        with self.err.status(message):
+            yield
+
+    @contextlib.contextmanager
+    def progress(self, total: int, description: str) -> Iterator[Callable[[int], None]]:
+        """A rich progress bar on stderr; yields ``advance(n)``. A no-op when not interactive."""
+        if not self.interactive or total <= 0:
+            yield lambda n: None
+            return
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                                   TimeElapsedColumn, TimeRemainingColumn)
+
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TimeElapsedColumn(), TimeRemainingColumn())
+        with Progress(*columns, console=self.err, transient=True) as bar:
+            task = bar.add_task(description, total=total)
+            yield lambda n: bar.advance(task, n)

@@ -1,0 +1,201 @@
+"""The work behind ``percept distance``: plan, validate, embed each file once, compute.
+
+Modes, decided from the inputs alone (before any model is loaded):
+
+* ``pair``   - two image files: one distance.
+* ``rank``   - a reference file and candidates (files and/or directories): nearest first.
+* ``pairs``  - a CSV of pairs (``--pairs``): one distance per row.
+* ``matrix`` - one directory (against itself) or two directories: the full N x M matrix.
+"""
+
+from __future__ import annotations
+
+import csv
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from .data import Failure
+from .errors import BadInputError, ImageReadError
+from .images import check_image, list_images
+
+
+@dataclass
+class DistanceJob:
+    """What to compute, resolved to files. ``rows``/``cols`` name matrix axes."""
+
+    mode: str
+    pairs: list[tuple[str, str]] = field(default_factory=list)
+    reference: str | None = None
+    candidates: list[str] = field(default_factory=list)
+    rows: list[str] = field(default_factory=list)
+    cols: list[str] = field(default_factory=list)
+    row_names: list[str] = field(default_factory=list)
+    col_names: list[str] = field(default_factory=list)
+
+    def files(self) -> list[str]:
+        """Every distinct file the job reads, in first-use order."""
+        seen: dict[str, None] = {}
+        for a, b in self.pairs:
+            seen.setdefault(a)
+            seen.setdefault(b)
+        for item in ([self.reference] if self.reference else []) + self.candidates + self.rows + self.cols:
+            seen.setdefault(item)
+        return list(seen)
+
+
+@dataclass
+class DistanceResult:
+    """Distances computed for a job.
+
+    ``records`` holds one dict per pair/candidate (``a``, ``b``, ``distance``; rank mode
+    adds ``rank``); ``matrix`` is set in matrix mode (rows x cols, skipped files removed).
+    """
+
+    mode: str
+    records: list[dict]
+    matrix: torch.Tensor | None = None
+    row_names: list[str] = field(default_factory=list)
+    col_names: list[str] = field(default_factory=list)
+    skipped: list[Failure] = field(default_factory=list)
+
+
+def _expand(item: str, recursive: bool) -> list[str]:
+    path = Path(item)
+    return [str(p) for p in list_images(path, recursive)] if path.is_dir() else [item]
+
+
+def _names(directory: str, files: Sequence[str]) -> list[str]:
+    return [Path(f).relative_to(directory).as_posix() for f in files]
+
+
+def plan_job(inputs: Sequence[str], pairs_csv: str | None = None, recursive: bool = False) -> DistanceJob:
+    """Decide the mode and list the files, without reading any image.
+
+    Raises:
+        BadInputError: an impossible combination of inputs, a missing path, an empty directory.
+    """
+    if pairs_csv:
+        if inputs:
+            raise BadInputError("give either image paths or --pairs CSV, not both.")
+        return DistanceJob("pairs", pairs=read_pairs_csv(pairs_csv))
+    if not inputs:
+        raise BadInputError("no images given.", "Usage: percept distance A.png B.png | REF.png C1 C2 ... | "
+                                                "DIR_A DIR_B | --pairs pairs.csv")
+    for item in inputs:
+        if not Path(item).exists():
+            raise ImageReadError(item, "file not found")
+    dirs = [Path(i).is_dir() for i in inputs]
+    if dirs[0]:
+        if len(inputs) > 2 or not all(dirs):
+            raise BadInputError("matrix mode takes one or two directories (DIR_A [DIR_B]); "
+                                "to rank images against a reference, put the reference file first.")
+        rows = _expand(inputs[0], recursive)
+        cols = _expand(inputs[-1], recursive) if len(inputs) == 2 else rows
+        return DistanceJob("matrix", rows=rows, cols=cols, row_names=_names(inputs[0], rows),
+                           col_names=_names(inputs[-1], cols))
+    if len(inputs) == 1:
+        raise BadInputError("one image given; a distance needs a second image (or a directory of candidates).")
+    candidates = [f for item in inputs[1:] for f in _expand(item, recursive)]
+    if len(inputs) == 2 and not dirs[1]:
+        return DistanceJob("pair", pairs=[(inputs[0], inputs[1])])
+    return DistanceJob("rank", reference=inputs[0], candidates=candidates)
+
+
+def read_pairs_csv(path: str | Path) -> list[tuple[str, str]]:
+    """Pairs from a CSV: the first two columns, paths relative to the CSV's folder.
+
+    A header row is recognised (and skipped) when its two cells are not existing files.
+
+    Raises:
+        BadInputError: missing file, fewer than two columns, or no pairs.
+    """
+    csv_path = Path(path)
+    if not csv_path.is_file():
+        raise BadInputError(f"--pairs {csv_path}: file not found.")
+    base = csv_path.parent
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as fh:
+            rows = [r for r in csv.reader(fh) if any(cell.strip() for cell in r)]
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise BadInputError(f"--pairs {csv_path}: cannot read CSV ({exc}).") from exc
+    pairs = []
+    for line_no, row in enumerate(rows, start=1):
+        if len(row) < 2:
+            raise BadInputError(f"--pairs {csv_path}, line {line_no}: expected two columns (a,b), got {len(row)}.")
+        a, b = (str(base / cell.strip()) for cell in row[:2])
+        if line_no == 1 and not (Path(a).exists() or Path(b).exists()):
+            continue  # header
+        pairs.append((a, b))
+    if not pairs:
+        raise BadInputError(f"--pairs {csv_path}: no pairs found.")
+    return pairs
+
+
+def check_files(paths: Sequence[str], workers: int = 8) -> list[Failure]:
+    """Header-level validation of every file (in parallel threads); returns the failures."""
+    def one(path: str):
+        try:
+            check_image(path)
+        except ImageReadError as exc:
+            return Failure(path, exc.reason)
+        return None
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        return [f for f in pool.map(one, paths) if f is not None]
+
+
+def first_failure_error(failures: Sequence[Failure]) -> ImageReadError:
+    """One error for a list of bad files: the first, plus a count and the --skip-bad hint."""
+    first = failures[0]
+    more = f" (and {len(failures) - 1} more bad file(s))" if len(failures) > 1 else ""
+    return ImageReadError(first.path, first.reason + more, "Use --skip-bad to skip unreadable files.")
+
+
+def run_job(metric, job: DistanceJob, *, skip_bad: bool = False, skipped: Sequence[Failure] = (),
+            progress: Callable[[int], None] | None = None) -> DistanceResult:
+    """Embed every distinct file once and compute the job's distances.
+
+    Args:
+        metric: a PerceptualMetric.
+        skipped: files already known to be bad (left out without reading).
+        progress: called with the number of files embedded so far, per batch.
+    """
+    bad = {f.path for f in skipped}
+    files = [f for f in job.files() if f not in bad]
+    result = metric.embed_files(files, skip_bad=skip_bad, progress=progress)
+    failures = list(skipped) + list(result.failures)
+    index = {files[i]: row for row, i in enumerate(result.indices)}
+    emb = result.embeddings
+
+    if job.mode == "matrix":
+        rows = [(f, n) for f, n in zip(job.rows, job.row_names) if f in index]
+        cols = [(f, n) for f, n in zip(job.cols, job.col_names) if f in index]
+        if not rows or not cols:
+            raise BadInputError("no readable images left to compare.")
+        ea = emb[[index[f] for f, _ in rows]]
+        eb = emb[[index[f] for f, _ in cols]]
+        matrix = (1.0 - ea @ eb.T).cpu()
+        return DistanceResult("matrix", [], matrix, [n for _, n in rows], [n for _, n in cols], failures)
+
+    if job.mode == "rank":
+        if job.reference not in index:
+            raise first_failure_error([f for f in failures if f.path == job.reference])
+        cands = [c for c in job.candidates if c in index]
+        d = (1.0 - emb[[index[c] for c in cands]] @ emb[index[job.reference]]).cpu().tolist()
+        order = sorted(range(len(cands)), key=lambda i: d[i])
+        records = [{"rank": r + 1, "a": job.reference, "b": cands[i], "distance": d[i]}
+                   for r, i in enumerate(order)]
+        return DistanceResult("rank", records, skipped=failures)
+
+    pairs = [(a, b) for a, b in job.pairs if a in index and b in index]
+    if not pairs:
+        raise BadInputError("no readable pairs left to compare.")
+    ia = torch.tensor([index[a] for a, _ in pairs], device=emb.device)
+    ib = torch.tensor([index[b] for _, b in pairs], device=emb.device)
+    d = (1.0 - (emb[ia] * emb[ib]).sum(-1)).cpu().tolist()
+    records = [{"a": a, "b": b, "distance": v} for (a, b), v in zip(pairs, d)]
+    return DistanceResult(job.mode, records, skipped=failures)

@@ -1,0 +1,85 @@
+"""The encoder module: [0,1] pixels in, embedding out.
+
+:class:`PixelEncoder` wraps a vision backbone (an OpenCLIP visual tower or a timm
+model) together with its mean/std normalisation and an optional head, so every
+caller (distance, attacks, inversion, training) works directly in pixel space.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class MLPHead(nn.Module):
+    """One hidden layer with a residual connection: ``x + fc2(relu(fc1(x)))``.
+
+    The head shape the paper's authors (after DreamSim) fine-tune on NIGHTS.
+
+    Args:
+        dim: embedding width (in and out).
+        hidden: hidden width.
+    """
+
+    def __init__(self, dim: int, hidden: int = 512):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc2(F.relu(self.fc1(x)))
+
+
+class PixelEncoder(nn.Module):
+    """A vision encoder that takes [0,1] RGB pixels and returns raw embeddings.
+
+    Normalisation constants stay float32 whatever the backbone's dtype; the input
+    is normalised in float32 and then cast to the backbone's dtype. The output is
+    always float32.
+
+    Args:
+        backbone: module mapping normalised images (B,3,S,S) to (B,D) features.
+        mean, std: per-channel normalisation from the model's config.
+        image_size: the square input size S the backbone expects.
+        head: optional module on top of the features (MLP head, ...); identity if None.
+    """
+
+    def __init__(self, backbone: nn.Module, mean: Sequence[float], std: Sequence[float],
+                 image_size: int, head: nn.Module | None = None):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head if head is not None else nn.Identity()
+        self.image_size = int(image_size)
+        self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype of the backbone's parameters (the dtype the forward runs in)."""
+        for param in self.backbone.parameters():
+            return param.dtype
+        return torch.float32
+
+    def set_compute_dtype(self, dtype: torch.dtype) -> "PixelEncoder":
+        """Cast backbone and head to ``dtype``, keeping the normalisation in float32."""
+        self.backbone.to(dtype)
+        self.head.to(dtype)
+        return self
+
+    def set_head(self, head: nn.Module | None) -> "PixelEncoder":
+        """Attach (or with None, remove) a head; it takes the backbone's device and dtype."""
+        head = head if head is not None else nn.Identity()
+        self.head = head.to(device=self.mean.device, dtype=self.compute_dtype)
+        return self
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Map [0,1] pixels to the backbone's normalised input (float32)."""
+        return (pixels.to(torch.float32) - self.mean) / self.std
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B,3,S,S) pixels in [0,1] -> (B,D) float32 embeddings (not L2-normalised)."""
+        x = self.normalize(pixels).to(self.compute_dtype)
+        return self.head(self.backbone(x)).to(torch.float32)

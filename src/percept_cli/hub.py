@@ -1,0 +1,178 @@
+"""Model files: from the Hugging Face Hub (through its cache) or a local directory.
+
+huggingface_hub owns caching: HF_HOME, HF_HUB_CACHE and HF_HUB_OFFLINE work as
+they do everywhere else. This module wraps ``hf_hub_download`` once, prefers
+``.safetensors`` weights, and turns the Hub's "not cached and not reachable"
+into one clear :class:`ModelUnavailableError`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import BadInputError, ModelFormatError, ModelUnavailableError
+
+OPEN_CLIP = "open_clip"
+TIMM = "timm"
+
+CONFIG_FILES = {OPEN_CLIP: "open_clip_config.json", TIMM: "config.json"}
+# Weight files in order of preference: safetensors first; .bin/.pth only with weights_only loading.
+WEIGHT_FILES = {
+    OPEN_CLIP: ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors",
+                "open_clip_pytorch_model.bin", "open_clip_pytorch_model.pth"),
+    TIMM: ("model.safetensors", "pytorch_model.bin"),
+}
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """Where a model's config and weights are on disk.
+
+    Attributes:
+        family: ``open_clip`` or ``timm``.
+        config_path: the JSON config file.
+        weights_path: the weights file.
+        root: the directory holding both (a Hub snapshot or the user's directory).
+        repo_id: Hub repo id, None for a local directory.
+        revision: resolved commit hash of the Hub snapshot, None for a local directory.
+    """
+
+    family: str
+    config_path: Path
+    weights_path: Path
+    root: Path
+    repo_id: str | None = None
+    revision: str | None = None
+
+    def read_config(self) -> dict:
+        """The parsed JSON config. Raises ModelFormatError if it is not valid JSON."""
+        try:
+            return json.loads(self.config_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ModelFormatError(f"cannot read model config {self.config_path}: {exc}") from exc
+
+
+def hub_cache_dir() -> str:
+    """The huggingface_hub cache directory in force (HF_HUB_CACHE / HF_HOME honoured)."""
+    from huggingface_hub import constants
+
+    return str(constants.HF_HUB_CACHE)
+
+
+def hub_offline() -> bool:
+    """True when HF_HUB_OFFLINE is set (the environment is read at call time too)."""
+    from huggingface_hub import constants
+
+    env = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+    return bool(constants.HF_HUB_OFFLINE) or env
+
+
+def local_model_files(directory: str | Path) -> ModelFiles:
+    """Config and weights of a model directory in the Hub layout.
+
+    Raises:
+        ModelFormatError: no known config or weights file in ``directory``.
+    """
+    root = Path(directory)
+    for family in (OPEN_CLIP, TIMM):
+        config = root / CONFIG_FILES[family]
+        if not config.is_file():
+            continue
+        for weights in WEIGHT_FILES[family]:
+            if (root / weights).is_file():
+                return ModelFiles(family, config, root / weights, root)
+        raise ModelFormatError(
+            f"model directory {root} has {config.name} but no weights file "
+            f"(expected one of {', '.join(WEIGHT_FILES[family])}).")
+    raise ModelFormatError(
+        f"{root} is not a model directory: expected open_clip_config.json + open_clip_model.safetensors "
+        "(OpenCLIP) or config.json + model.safetensors (timm).")
+
+
+def fetch_model_files(repo_id: str, revision: str | None = None, *, family: str | None = None,
+                      local_only: bool = False) -> ModelFiles:
+    """Config and weights of a Hub model, from the cache or downloaded into it.
+
+    Args:
+        repo_id: ``org/name``.
+        revision: branch, tag or commit; None for the default branch.
+        family: ``open_clip`` or ``timm`` if known (zoo entries); None tries both.
+        local_only: never contact the Hub (as with HF_HUB_OFFLINE=1).
+
+    Raises:
+        ModelUnavailableError: not cached and the Hub cannot be reached.
+        BadInputError: the repo or revision does not exist, or holds no model files.
+    """
+    families = (family,) if family else (OPEN_CLIP, TIMM)
+    for fam in families:
+        config = _download(repo_id, CONFIG_FILES[fam], revision, local_only)
+        if config is None:
+            continue
+        for weights_name in WEIGHT_FILES[fam]:
+            weights = _download(repo_id, weights_name, revision, local_only)
+            if weights is not None:
+                return ModelFiles(fam, config, weights, config.parent, repo_id, config.parent.name)
+        raise _unavailable_or_missing(repo_id, revision, local_only,
+                                      f"has {config.name} but no weights file")
+    raise _unavailable_or_missing(repo_id, revision, local_only, "has no open_clip_config.json or config.json")
+
+
+def _download(repo_id: str, filename: str, revision: str | None, local_only: bool) -> Path | None:
+    """One file from the Hub cache or the Hub; None if the file is not there (or not cached)."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
+
+    from . import __version__
+
+    try:
+        path = hf_hub_download(repo_id, filename, revision=revision, library_name="percept",
+                               library_version=__version__, local_files_only=local_only or hub_offline())
+    except GatedRepoError as exc:
+        raise ModelUnavailableError(f"Hub repo {repo_id} is gated: accept its terms on huggingface.co "
+                                    "and log in with `hf auth login`.") from exc
+    except RepositoryNotFoundError as exc:
+        raise BadInputError(f"Hub repo {repo_id} does not exist (or is private).") from exc
+    except RevisionNotFoundError as exc:
+        raise BadInputError(f"Hub repo {repo_id} has no revision '{revision}'.") from exc
+    except (EntryNotFoundError, LocalEntryNotFoundError):
+        return None
+    return Path(path)
+
+
+def _unavailable_or_missing(repo_id: str, revision: str | None, local_only: bool, what: str) -> Exception:
+    """The error for a repo whose files we could not get: offline-and-uncached, or genuinely missing."""
+    where = repo_id + (f"@{revision}" if revision else "")
+    if local_only or hub_offline() or not _hub_reachable():
+        return ModelUnavailableError(
+            f"model hf-hub:{where} is not in the local Hugging Face cache ({hub_cache_dir()}) "
+            "and the Hub cannot be reached.",
+            f"Run `percept models download {where}` on a connected machine and copy its cache "
+            "(set HF_HUB_CACHE or HF_HOME to point at it), or pass a local model directory with --model.")
+    return BadInputError(f"Hub repo {where} {what}; it is not an OpenCLIP or timm model.")
+
+
+def _hub_reachable() -> bool:
+    """Whether the Hub answers at all (a short HEAD request)."""
+    from huggingface_hub import constants, get_session
+
+    try:
+        get_session().head(constants.ENDPOINT, timeout=5)
+    except Exception:  # any network failure means "not reachable"; nothing else is decided here
+        return False
+    return True
+
+
+def remote_revision(repo_id: str, revision: str | None = None) -> str | None:
+    """The commit hash the Hub resolves ``revision`` to, or None when offline/unreachable."""
+    if hub_offline():
+        return None
+    from huggingface_hub import HfApi
+
+    try:
+        return HfApi().model_info(repo_id, revision=revision, timeout=10).sha
+    except Exception:  # offline, DNS, HTTP errors: the caller shows "unknown"
+        return None

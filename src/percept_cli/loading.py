@@ -1,0 +1,241 @@
+"""Build a :class:`PixelEncoder` from a :class:`ModelRef`.
+
+Three ways in, one way out:
+  * a Hub repo or local directory in OpenCLIP's layout -> ``open_clip.create_model('local-dir:...')``
+    for the architecture, weights loaded safely, visual tower kept;
+  * a Hub repo or local directory in timm's layout (``config.json``) -> ``timm.create_model``;
+  * an OpenCLIP architecture plus a visual-encoder checkpoint (``--checkpoint``).
+Weights load from ``.safetensors``, or from ``.pt/.bin`` with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import pickle
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import hub
+from .encoder import PixelEncoder
+from .errors import ModelFormatError, ModelUnavailableError
+from .naming import ModelRef
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a loaded model came from (for `models info` and results files)."""
+
+    name: str
+    kind: str
+    location: str
+    family: str
+    revision: str | None = None
+    weights: str | None = None
+    zoo: str | None = None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@contextlib.contextmanager
+def _quiet_logging():
+    """Silence the INFO/WARNING chatter that open_clip and timm log while building models."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """A flat tensor state dict from ``.safetensors`` or (weights-only) ``.pt/.pth/.bin/.ckpt``.
+
+    Unwraps ``state_dict``/``model``/``model_state_dict`` containers and strips a
+    DistributedDataParallel ``module.`` prefix.
+
+    Raises:
+        ModelFormatError: unreadable file, or a pickle that needs more than tensors.
+    """
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path), device="cpu")
+        else:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise ModelFormatError(
+            f"{path} holds Python objects besides tensors; percept only loads weights_only checkpoints.",
+            "Re-save it as a plain state dict, ideally as .safetensors.") from exc
+    except Exception as exc:  # safetensors/zip/pickle raise assorted types for a corrupt file
+        raise ModelFormatError(f"cannot read weights from {path}: {exc}") from exc
+    for key in ("state_dict", "model_state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelFormatError(f"{path} does not contain a state dict of tensors.")
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def _square_size(size, where: str) -> int:
+    if isinstance(size, (list, tuple)):
+        size = tuple(int(s) for s in size[-2:])
+        if len(set(size)) != 1:
+            raise ModelFormatError(f"{where}: non-square input size {size} is not supported.")
+        size = size[0]
+    return int(size)
+
+
+def _build_open_clip(root: Path | None, arch: str | None) -> tuple[nn.Module, dict]:
+    """(CLIP model without weights, its preprocess cfg) from a directory's config or an arch name."""
+    import open_clip
+
+    name = f"local-dir:{root}" if root is not None else arch
+    try:
+        with _quiet_logging():
+            model = open_clip.create_model(name, pretrained=None, load_weights=False, pretrained_text=False)
+    except Exception as exc:  # open_clip raises RuntimeError/ValueError/KeyError for bad configs
+        raise ModelFormatError(f"cannot build OpenCLIP model from {root or arch}: {exc}") from exc
+    return model, open_clip.get_model_preprocess_cfg(model)
+
+
+def _load_open_clip(files: hub.ModelFiles) -> tuple[nn.Module, tuple, tuple, int]:
+    import open_clip
+
+    model, pp = _build_open_clip(files.root, None)
+    try:
+        with _quiet_logging():
+            open_clip.load_checkpoint(model, str(files.weights_path), strict=True, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise ModelFormatError(f"{files.weights_path} is not a weights-only checkpoint.") from exc
+    except Exception as exc:  # shape/key mismatches, corrupt files
+        raise ModelFormatError(f"weights {files.weights_path} do not fit the config: {exc}") from exc
+    return model.visual, tuple(pp["mean"]), tuple(pp["std"]), _square_size(pp["size"], str(files.config_path))
+
+
+def _load_open_clip_checkpoint(arch: str, checkpoint: Path) -> tuple[nn.Module, tuple, tuple, int]:
+    model, pp = _build_open_clip(None, arch)
+    state = read_state_dict(checkpoint)
+    if any(k.startswith("visual.") for k in state):  # a full CLIP checkpoint: keep the vision tower
+        state = {k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")}
+    try:
+        model.visual.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ModelFormatError(f"checkpoint {checkpoint} does not match architecture {arch}: "
+                               f"{str(exc).splitlines()[0]}") from exc
+    return model.visual, tuple(pp["mean"]), tuple(pp["std"]), _square_size(pp["size"], arch)
+
+
+def _load_timm(files: hub.ModelFiles) -> tuple[nn.Module, tuple, tuple, int]:
+    import timm
+
+    cfg = files.read_config()
+    arch = cfg.get("architecture")
+    if not arch:
+        raise ModelFormatError(f"{files.config_path} has no 'architecture' entry (not a timm config).")
+    pretrained = cfg.get("pretrained_cfg", {})
+    try:
+        with _quiet_logging():
+            model = timm.create_model(arch, pretrained=False, num_classes=0, **cfg.get("model_args", {}))
+    except Exception as exc:  # unknown arch, bad kwargs
+        raise ModelFormatError(f"cannot build timm model '{arch}': {exc}") from exc
+    state = read_state_dict(files.weights_path)
+    classifier = pretrained.get("classifier", "head")
+    state = {k: v for k, v in state.items() if not k.startswith(f"{classifier}.")}
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ModelFormatError(f"weights {files.weights_path} do not fit '{arch}': "
+                               f"{str(exc).splitlines()[0]}") from exc
+    size = _square_size(pretrained.get("input_size", (3, 224, 224)), str(files.config_path))
+    return model, tuple(pretrained.get("mean", IMAGENET_MEAN)), tuple(pretrained.get("std", IMAGENET_STD)), size
+
+
+def resolve_files(ref: ModelRef, local_only: bool = False) -> hub.ModelFiles:
+    """The config and weights files for a Hub or local-dir reference."""
+    if ref.kind == "local-dir":
+        return hub.local_model_files(ref.identifier)
+    family = ref.spec.family if ref.spec else None
+    return hub.fetch_model_files(ref.identifier, ref.revision, family=family, local_only=local_only)
+
+
+def load_encoder(ref: ModelRef, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32) -> tuple[PixelEncoder, ModelSource]:
+    """Load the model ``ref`` names as an eval-mode, frozen PixelEncoder on ``device``.
+
+    Raises:
+        ModelUnavailableError: Hub model neither cached nor reachable.
+        ModelFormatError: files that are not a model percept can read.
+    """
+    zoo = ref.spec.name if ref.spec else None
+    if ref.kind == "checkpoint":
+        backbone, mean, std, size = _load_open_clip_checkpoint(ref.identifier, ref.checkpoint)
+        source = ModelSource(ref.name, "checkpoint", ref.identifier, hub.OPEN_CLIP,
+                             weights=str(ref.checkpoint), zoo=zoo)
+    else:
+        files = resolve_files(ref)
+        loader = _load_open_clip if files.family == hub.OPEN_CLIP else _load_timm
+        backbone, mean, std, size = loader(files)
+        source = ModelSource(ref.name, ref.kind, files.repo_id or str(files.root), files.family,
+                             revision=files.revision, weights=str(files.weights_path), zoo=zoo)
+    if ref.spec is not None and ref.spec.image_size:
+        size = ref.spec.image_size
+    encoder = PixelEncoder(backbone, mean, std, size)
+    encoder.eval().requires_grad_(False)
+    encoder.to(device)
+    encoder.set_compute_dtype(dtype)
+    return encoder, source
+
+
+def describe_model(name: str, checkpoint: str | Path | None = None) -> dict:
+    """Where a model comes from and whether its files are present, without loading it.
+
+    Never downloads. For Hub models: the cache path and resolved revision if cached;
+    otherwise the revision the Hub reports (when reachable).
+    """
+    from .naming import parse_model_name
+
+    ref = parse_model_name(name, checkpoint)
+    spec = ref.spec
+    info = {"name": name, "zoo": spec.name if spec else None, "kind": ref.kind, "source": ref.identifier,
+            "family": spec.family if spec else None, "label": spec.label if spec else None,
+            "backbone": spec.backbone if spec else None, "method": spec.method if spec else None,
+            "image_size": spec.image_size if spec else None, "reference": spec.reference if spec else None,
+            "nights": asdict(spec.nights) if spec else None}
+    if ref.kind == "checkpoint":
+        return {**info, "present": True, "path": str(ref.checkpoint), "revision": None}
+    if ref.kind == "local-dir":
+        files = hub.local_model_files(ref.identifier)
+        return {**info, "family": files.family, "present": True, "path": str(files.root), "revision": None,
+                "weights": str(files.weights_path)}
+    info.update(source=f"hf-hub:{ref.identifier}", requested_revision=ref.revision, cache_dir=hub.hub_cache_dir())
+    try:
+        files = resolve_files(ref, local_only=True)
+    except ModelUnavailableError:
+        return {**info, "present": False, "path": None,
+                "revision": hub.remote_revision(ref.identifier, ref.revision)}
+    return {**info, "family": files.family, "present": True, "path": str(files.root),
+            "revision": files.revision, "weights": str(files.weights_path),
+            "size_bytes": files.weights_path.stat().st_size + files.config_path.stat().st_size}
+
+
+def download_model(name: str) -> hub.ModelFiles:
+    """Fetch a Hub model's config and weights into the Hugging Face cache (no-op if cached)."""
+    from .errors import BadInputError
+    from .naming import parse_model_name
+
+    ref = parse_model_name(name)
+    if ref.kind != "hf-hub":
+        raise BadInputError(f"'{name}' is a local model; there is nothing to download.")
+    return resolve_files(ref)

@@ -1,0 +1,136 @@
+"""`percept distance` through Typer's test runner: modes, --json, --out, bad input, exit codes."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from percept_cli.cli.app import app
+
+runner = CliRunner()
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture
+def model_args(tiny_vit):
+    return ["--model", str(tiny_vit[0]), "--device", "cpu"]
+
+
+def test_pair_human_and_json(model_args, image_dir):
+    a, b = image_dir / "a.png", image_dir / "b.png"
+    human = run("distance", a, b, *model_args)
+    assert human.exit_code == 0, human.output
+    assert human.stdout.startswith("d = ")
+    result = run("distance", a, b, *model_args, "--json")
+    assert result.exit_code == 0
+    doc = json.loads(result.stdout)  # exactly one JSON document, nothing else on stdout
+    assert doc["mode"] == "pair" and len(doc["results"]) == 1
+    assert doc["results"][0]["distance"] == pytest.approx(float(human.stdout.split("=")[1]), abs=1e-4)
+    assert doc["model"]["kind"] == "local-dir" and doc["dtype"] == "fp32"
+
+
+def test_rank_nearest_first(model_args, image_dir):
+    result = run("distance", image_dir / "a.png", image_dir / "b.png", image_dir / "c.png", image_dir / "a.png",
+                 *model_args, "--json")
+    doc = json.loads(result.stdout)
+    values = [r["distance"] for r in doc["results"]]
+    assert values == sorted(values) and doc["results"][0]["b"].endswith("a.png") and values[0] < 1e-5
+
+
+def test_pairs_csv_to_out(model_args, image_dir, tmp_path):
+    (image_dir / "pairs.csv").write_text("a,b\na.png,b.png\nb.png,c.png\n")
+    out = tmp_path / "d.csv"
+    result = run("distance", "--pairs", image_dir / "pairs.csv", "--out", out, *model_args)
+    assert result.exit_code == 0, result.output
+    assert "wrote 2 distances" in result.stdout
+    assert out.read_text().splitlines()[0] == "a,b,distance"
+
+
+@pytest.mark.parametrize("suffix", [".npy", ".csv", ".safetensors"])
+def test_matrix_out(model_args, image_dir, tmp_path, suffix):
+    out = tmp_path / f"m{suffix}"
+    result = run("distance", image_dir, image_dir, "--out", out, *model_args)
+    assert result.exit_code == 0, result.output
+    assert out.exists() and "5x5 distance matrix" in result.stdout
+    if suffix == ".npy":
+        m = np.load(out)
+        assert m.shape == (5, 5) and np.allclose(np.diag(m), 0, atol=1e-5) and np.allclose(m, m.T, atol=1e-5)
+
+
+def test_matrix_json_and_table(model_args, image_dir):
+    doc = json.loads(run("distance", image_dir, *model_args, "--json").stdout)
+    assert doc["shape"] == [5, 5] and len(doc["matrix"]) == 5 and doc["rows"][0] == "a.png"
+    table = run("distance", image_dir, *model_args)
+    assert table.exit_code == 0 and "e.png" in table.stdout
+
+
+def test_bad_file_stops_before_work_and_skip_bad(model_args, image_dir, tmp_path):
+    (image_dir / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    out = tmp_path / "m.npy"
+    result = run("distance", image_dir, "--out", out, *model_args)
+    assert result.exit_code == 2
+    assert "broken.png" in result.stderr and "--skip-bad" in result.stderr
+    assert "Traceback" not in result.output and not out.exists()
+    skipped = run("distance", image_dir, "--out", out, "--skip-bad", *model_args, "--json")
+    assert skipped.exit_code == 0, skipped.output
+    doc = json.loads(skipped.stdout)
+    assert doc["shape"] == [5, 5] and doc["skipped"][0]["path"].endswith("broken.png")
+    assert "skipped" in skipped.stderr
+
+
+@pytest.mark.parametrize("make", [
+    lambda d: d / "missing.png",
+    lambda d: (d / "t.txt").write_text("text") and d / "t.txt",
+    lambda d: Image.new("RGB", (1, 1)).save(d / "dot.png") or d / "dot.png",
+])
+def test_bad_images_exit_2_one_line(model_args, image_dir, make):
+    bad = make(image_dir)
+    result = run("distance", image_dir / "a.png", bad, *model_args)
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and bad.name in lines[0]
+    assert result.stdout == ""
+
+
+def test_unknown_model_exit_2(image_dir):
+    result = run("distance", image_dir / "a.png", image_dir / "b.png", "--model", "rclip-f-convnxt")
+    assert result.exit_code == 2 and "unknown model" in result.stderr and "Traceback" not in result.output
+
+
+def test_uncached_model_exit_3(empty_offline_hub, image_dir):
+    result = run("distance", image_dir / "a.png", image_dir / "b.png", "--device", "cpu")
+    assert result.exit_code == 3
+    assert "not in the local Hugging Face cache" in result.stderr and "Traceback" not in result.output
+
+
+def test_bad_options_exit_2(model_args, image_dir, tmp_path):
+    a, b = image_dir / "a.png", image_dir / "b.png"
+    assert run("distance", a, b, "--model", str(model_args[1]), "--device", "tpu").exit_code == 2
+    assert run("distance", a, b, *model_args, "--dtype", "int4").exit_code == 2
+    assert run("distance", a, b, *model_args, "--batch-size", "0").exit_code == 2
+    assert run("distance", image_dir, *model_args, "--out", tmp_path / "m.txt").exit_code == 2
+    assert run("distance", a, b, *model_args, "--out", a).exit_code == 2  # never overwrite an input
+    assert run("distance", a, "--pairs", tmp_path / "p.csv", *model_args).exit_code == 2
+
+
+def test_large_matrix_needs_out(model_args, tmp_path):
+    from conftest import make_picture
+
+    for i in range(41):
+        make_picture(i, (16, 16)).save(tmp_path / f"{i:02d}.png")
+    result = run("distance", tmp_path, tmp_path, *model_args)
+    assert result.exit_code == 2 and "too large to print" in result.stderr
+
+
+def test_zoo_model_from_offline_cache(offline_hub, image_dir):
+    result = run("distance", image_dir / "a.png", image_dir / "b.png", "--json")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["model"]["zoo"] == "rclip-f-convnext-b" and len(doc["model"]["revision"]) == 40

@@ -1,0 +1,80 @@
+"""Shared fixtures: tiny models in the Hub layouts, an offline Hub cache, synthetic images."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import tiny_models  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_vit(tmp_path_factory):
+    """(directory, model): a 1-layer OpenCLIP ViT saved as open_clip_config.json + .safetensors."""
+    directory = tmp_path_factory.mktemp("tiny-vit")
+    model = tiny_models.save_open_clip_dir(directory, tiny_models.VIT_CFG, seed=0)
+    return directory, model
+
+
+@pytest.fixture(scope="session")
+def zoo_cache(tmp_path_factory):
+    """A huggingface_hub cache holding a tiny stand-in under every zoo repo id."""
+    root = tmp_path_factory.mktemp("hub")
+    cache = root / "cache"
+    tiny_models.build_zoo_cache(cache, root / "work")
+    return cache
+
+
+@pytest.fixture
+def offline_hub(zoo_cache, monkeypatch):
+    """Point huggingface_hub at the stand-in cache with HF_HUB_OFFLINE=1 (env and live constants)."""
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(zoo_cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(zoo_cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return zoo_cache
+
+
+@pytest.fixture
+def empty_offline_hub(tmp_path, monkeypatch):
+    """An empty Hub cache, offline: nothing can be loaded from the Hub."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "empty-cache"
+    cache.mkdir()
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return cache
+
+
+def make_picture(seed: int, size=(96, 64)) -> Image.Image:
+    """A deterministic RGB picture: a noisy background and a few coloured shapes."""
+    rng = np.random.default_rng(seed)
+    arr = (rng.random((size[1], size[0], 3)) * 80 + rng.integers(0, 170, 3)).astype(np.uint8)
+    img = Image.fromarray(arr, "RGB")
+    draw = ImageDraw.Draw(img)
+    for _ in range(3):
+        x0, y0 = rng.integers(0, size[0] // 2), rng.integers(0, size[1] // 2)
+        x1, y1 = x0 + rng.integers(2, max(3, size[0] // 2)), y0 + rng.integers(2, max(3, size[1] // 2))
+        draw.ellipse((x0, y0, x1, y1), fill=tuple(int(c) for c in rng.integers(0, 255, 3)))
+    return img
+
+
+@pytest.fixture
+def image_dir(tmp_path):
+    """A directory of five distinct PNG pictures (a.png ... e.png)."""
+    directory = tmp_path / "images"
+    directory.mkdir()
+    for i, name in enumerate("abcde"):
+        make_picture(i).save(directory / f"{name}.png")
+    return directory

@@ -1,0 +1,172 @@
+"""Loading models: local Hub-layout dirs, the Hub cache offline, checkpoints, safe unpickling."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+import tiny_models
+
+from percept_cli import zoo
+from percept_cli.errors import BadInputError, ModelFormatError, ModelUnavailableError
+from percept_cli.loading import describe_model, load_encoder, read_state_dict
+from percept_cli.naming import parse_model_name
+
+
+def _direct_embedding(model, x):
+    mean = torch.tensor(tiny_models.CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(tiny_models.CLIP_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        return model.encode_image((x - mean) / std)
+
+
+def test_local_dir_matches_direct_open_clip(tiny_vit):
+    directory, model = tiny_vit
+    encoder, source = load_encoder(parse_model_name(str(directory)))
+    x = torch.rand(3, 3, 224, 224)
+    with torch.no_grad():
+        ours = encoder(x)
+    torch.testing.assert_close(ours, _direct_embedding(model, x), atol=1e-5, rtol=1e-5)
+    assert source.kind == "local-dir" and source.family == "open_clip"
+    assert encoder.image_size == 224
+    assert not any(p.requires_grad for p in encoder.parameters())
+
+
+@pytest.mark.parametrize("spec", zoo.list_models(), ids=lambda s: s.name)
+def test_every_zoo_entry_loads_from_offline_hub_cache(offline_hub, spec):
+    encoder, source = load_encoder(parse_model_name(spec.name))
+    assert source.kind == "hf-hub" and source.location == spec.repo_id
+    assert source.family == spec.family
+    assert source.revision and len(source.revision) == 40
+    assert str(offline_hub) in source.weights
+    with torch.no_grad():
+        emb = encoder(torch.rand(2, 3, spec.image_size, spec.image_size))
+    assert emb.shape[0] == 2 and torch.isfinite(emb).all()
+
+
+def test_hub_cache_model_equals_local_model(offline_hub, tiny_vit, tmp_path):
+    directory, model = tiny_vit
+    tiny_models.add_to_hub_cache(offline_hub, "someone/tiny-vit", directory, commit="a" * 40)
+    encoder, source = load_encoder(parse_model_name("hf-hub:someone/tiny-vit"))
+    assert source.revision == "a" * 40
+    x = torch.rand(2, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(x), _direct_embedding(model, x), atol=1e-5, rtol=1e-5)
+
+
+def test_uncached_model_offline_is_one_clear_error(empty_offline_hub):
+    with pytest.raises(ModelUnavailableError) as info:
+        load_encoder(parse_model_name("rclip-f-convnext-b"))
+    message = str(info.value)
+    assert "not in the local Hugging Face cache" in message
+    assert "percept models download" in message and str(empty_offline_hub) in message
+    assert "\n" not in message
+
+
+def test_bin_weights_load_weights_only(tiny_vit, tmp_path):
+    directory, model = tiny_vit
+    target = tmp_path / "bin-model"
+    tiny_models.save_open_clip_dir(target, tiny_models.VIT_CFG, seed=0, weights_name="open_clip_pytorch_model.bin")
+    encoder, source = load_encoder(parse_model_name(str(target)))
+    assert source.weights.endswith(".bin")
+    x = torch.rand(1, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(x), _direct_embedding(model, x), atol=1e-5, rtol=1e-5)
+
+
+class _Evil:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def test_pickles_with_code_are_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"weight": torch.zeros(2), "payload": _Evil()}, path)
+    with pytest.raises(ModelFormatError, match="weights_only"):
+        read_state_dict(path)
+
+
+def test_state_dict_unwrapping(tmp_path):
+    path = tmp_path / "wrapped.pt"
+    torch.save({"state_dict": {"module.a": torch.ones(1), "module.b": torch.zeros(1)}}, path)
+    assert set(read_state_dict(path)) == {"a", "b"}
+
+
+def test_arch_plus_visual_checkpoint(tmp_path):
+    import open_clip
+    from safetensors.torch import save_file
+
+    torch.manual_seed(4)
+    model = open_clip.create_model("ViT-B-32", pretrained=None, load_weights=False)
+    visual_state = {k: v.contiguous() for k, v in model.visual.state_dict().items()}
+    ckpt = tmp_path / "visual.safetensors"
+    save_file(visual_state, str(ckpt))
+    encoder, source = load_encoder(parse_model_name("ViT-B-32", checkpoint=ckpt))
+    assert source.kind == "checkpoint"
+    x = torch.rand(1, 3, 224, 224)
+    with torch.no_grad():
+        direct = model.visual((x - encoder.mean) / encoder.std)
+        torch.testing.assert_close(encoder(x), direct, atol=1e-5, rtol=1e-5)
+    # a full-model checkpoint (visual.* keys, .pt) loads the same vision tower
+    full = tmp_path / "full.pt"
+    torch.save(model.state_dict(), full)
+    encoder2, _ = load_encoder(parse_model_name("ViT-B-32", checkpoint=full))
+    with torch.no_grad():
+        torch.testing.assert_close(encoder2(x), direct, atol=1e-5, rtol=1e-5)
+
+
+def test_checkpoint_for_wrong_arch_is_clear(tmp_path):
+    torch.save({"nothing": torch.zeros(1)}, tmp_path / "w.pt")
+    with pytest.raises(ModelFormatError, match="does not match architecture"):
+        load_encoder(parse_model_name("ViT-B-32", checkpoint=tmp_path / "w.pt"))
+
+
+def test_directory_without_model_files(tmp_path):
+    with pytest.raises(ModelFormatError, match="not a model directory"):
+        load_encoder(parse_model_name(str(tmp_path)))
+    (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": tiny_models.VIT_CFG}))
+    with pytest.raises(ModelFormatError, match="no weights file"):
+        load_encoder(parse_model_name(str(tmp_path)))
+
+
+def test_weights_that_do_not_fit_config(tiny_vit, tmp_path):
+    directory, _ = tiny_vit
+    shutil.copytree(directory, tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "open_clip_config.json").read_text())
+    cfg["model_cfg"]["embed_dim"] = 24
+    (tmp_path / "m" / "open_clip_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelFormatError, match="do not fit"):
+        load_encoder(parse_model_name(str(tmp_path / "m")))
+
+
+def test_bf16_encoder_close_to_fp32(tiny_vit):
+    directory, _ = tiny_vit
+    ref = parse_model_name(str(directory))
+    fp32, _ = load_encoder(ref)
+    bf16, _ = load_encoder(ref, dtype=torch.bfloat16)
+    assert bf16.compute_dtype == torch.bfloat16 and bf16.mean.dtype == torch.float32
+    x = torch.rand(2, 3, 224, 224)
+    with torch.no_grad():
+        a, b = F.normalize(fp32(x), dim=-1), F.normalize(bf16(x), dim=-1)
+    assert b.dtype == torch.float32
+    assert float((a * b).sum(-1).min()) > 0.98
+
+
+def test_describe_cached_and_uncached(offline_hub, empty_offline_hub):
+    info = describe_model("rclip-t-vit-b16")
+    assert info["present"] is False and info["revision"] is None
+    assert info["source"] == "hf-hub:chs20/TeCoA4-ViT-B-16-laion2B-s34B-b88K"
+
+
+def test_describe_cached(offline_hub):
+    info = describe_model("rclip-t-vit-b16")
+    assert info["present"] is True and len(info["revision"]) == 40
+    assert info["path"].startswith(str(offline_hub)) and info["nights"]["clean"] == 91.9
+
+
+def test_bad_hub_id():
+    with pytest.raises(BadInputError, match="not a valid Hub model id"):
+        parse_model_name("hf-hub:not a repo")
