@@ -170,3 +170,29 @@ def test_describe_cached(offline_hub):
 def test_bad_hub_id():
     with pytest.raises(BadInputError, match="not a valid Hub model id"):
         parse_model_name("hf-hub:not a repo")
+
+
+def test_weights_only_repo_uses_builtin_arch(offline_hub, tmp_path):
+    """OpenAI CLIP repos on the Hub hold OpenCLIP weights but no open_clip_config.json."""
+    import dataclasses
+
+    import open_clip
+
+    from percept_cli.naming import ModelRef
+
+    config = tmp_path / "percept-tiny-builtin.json"
+    config.write_text(json.dumps(tiny_models.VIT_CFG))
+    open_clip.add_model_config(config)
+    source_dir = tmp_path / "weights-only"
+    model = tiny_models.save_open_clip_dir(source_dir, tiny_models.VIT_CFG, seed=7)
+    (source_dir / "open_clip_config.json").unlink()
+    tiny_models.add_to_hub_cache(offline_hub, "openai-like/weights-only", source_dir)
+    spec = dataclasses.replace(zoo.get_spec("clip-vit-l14"), source="hf-hub:openai-like/weights-only",
+                               arch="percept-tiny-builtin")
+    encoder, source = load_encoder(ModelRef("hf-hub", "openai-like/weights-only", "x", spec=spec))
+    x = torch.rand(2, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(x), _direct_embedding(model, x), atol=1e-5, rtol=1e-5)
+    # without a built-in architecture the same repo is refused with a clear message
+    with pytest.raises(BadInputError, match="no open_clip_config.json"):
+        load_encoder(parse_model_name("hf-hub:openai-like/weights-only"))

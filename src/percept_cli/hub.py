@@ -33,7 +33,8 @@ class ModelFiles:
 
     Attributes:
         family: ``open_clip`` or ``timm``.
-        config_path: the JSON config file.
+        config_path: the JSON config file; None when the repo holds only weights and
+            ``arch`` names the OpenCLIP built-in config to use.
         weights_path: the weights file.
         root: the directory holding both (a Hub snapshot or the user's directory).
         repo_id: Hub repo id, None for a local directory.
@@ -41,11 +42,12 @@ class ModelFiles:
     """
 
     family: str
-    config_path: Path
+    config_path: Path | None
     weights_path: Path
     root: Path
     repo_id: str | None = None
     revision: str | None = None
+    arch: str | None = None
 
     def read_config(self) -> dict:
         """The parsed JSON config. Raises ModelFormatError if it is not valid JSON."""
@@ -93,7 +95,7 @@ def local_model_files(directory: str | Path) -> ModelFiles:
 
 
 def fetch_model_files(repo_id: str, revision: str | None = None, *, family: str | None = None,
-                      local_only: bool = False) -> ModelFiles:
+                      local_only: bool = False, builtin_arch: str | None = None) -> ModelFiles:
     """Config and weights of a Hub model, from the cache or downloaded into it.
 
     Args:
@@ -101,6 +103,8 @@ def fetch_model_files(repo_id: str, revision: str | None = None, *, family: str 
         revision: branch, tag or commit; None for the default branch.
         family: ``open_clip`` or ``timm`` if known (zoo entries); None tries both.
         local_only: never contact the Hub (as with HF_HUB_OFFLINE=1).
+        builtin_arch: OpenCLIP built-in config to use if the repo has OpenCLIP weights but
+            no ``open_clip_config.json`` (OpenAI's CLIP repos on the Hub are like that).
 
     Raises:
         ModelUnavailableError: not cached and the Hub cannot be reached.
@@ -109,14 +113,15 @@ def fetch_model_files(repo_id: str, revision: str | None = None, *, family: str 
     families = (family,) if family else (OPEN_CLIP, TIMM)
     for fam in families:
         config = _download(repo_id, CONFIG_FILES[fam], revision, local_only)
-        if config is None:
+        if config is None and not (fam == OPEN_CLIP and builtin_arch):
             continue
         for weights_name in WEIGHT_FILES[fam]:
             weights = _download(repo_id, weights_name, revision, local_only)
             if weights is not None:
-                return ModelFiles(fam, config, weights, config.parent, repo_id, config.parent.name)
-        raise _unavailable_or_missing(repo_id, revision, local_only,
-                                      f"has {config.name} but no weights file")
+                arch = builtin_arch if config is None else None
+                return ModelFiles(fam, config, weights, weights.parent, repo_id, weights.parent.name, arch)
+        if config is not None:
+            raise _unavailable_or_missing(repo_id, revision, local_only, f"has {config.name} but no weights file")
     raise _unavailable_or_missing(repo_id, revision, local_only, "has no open_clip_config.json or config.json")
 
 
@@ -146,13 +151,23 @@ def _download(repo_id: str, filename: str, revision: str | None, local_only: boo
 def _unavailable_or_missing(repo_id: str, revision: str | None, local_only: bool, what: str) -> Exception:
     """The error for a repo whose files we could not get: offline-and-uncached, or genuinely missing."""
     where = repo_id + (f"@{revision}" if revision else "")
-    if local_only or hub_offline() or not _hub_reachable():
+    offline = local_only or hub_offline()
+    if offline and _in_cache(repo_id):
+        return BadInputError(f"Hub repo {where} in the local cache ({hub_cache_dir()}) {what}: "
+                             "it is incomplete, or not an OpenCLIP or timm model.")
+    if offline or not _hub_reachable():
         return ModelUnavailableError(
             f"model hf-hub:{where} is not in the local Hugging Face cache ({hub_cache_dir()}) "
             "and the Hub cannot be reached.",
             f"Run `percept models download {where}` on a connected machine and copy its cache "
             "(set HF_HUB_CACHE or HF_HOME to point at it), or pass a local model directory with --model.")
     return BadInputError(f"Hub repo {where} {what}; it is not an OpenCLIP or timm model.")
+
+
+def _in_cache(repo_id: str) -> bool:
+    """Whether the cache holds any snapshot of ``repo_id`` (huggingface_hub's folder layout)."""
+    snapshots = Path(hub_cache_dir()) / ("models--" + repo_id.replace("/", "--")) / "snapshots"
+    return snapshots.is_dir() and any(snapshots.iterdir())
 
 
 def _hub_reachable() -> bool:

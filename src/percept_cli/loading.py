@@ -113,7 +113,7 @@ def _build_open_clip(root: Path | None, arch: str | None) -> tuple[nn.Module, di
 def _load_open_clip(files: hub.ModelFiles) -> tuple[nn.Module, tuple, tuple, int]:
     import open_clip
 
-    model, pp = _build_open_clip(files.root, None)
+    model, pp = _build_open_clip(files.root if files.config_path else None, files.arch)
     try:
         with _quiet_logging():
             open_clip.load_checkpoint(model, str(files.weights_path), strict=True, weights_only=True)
@@ -121,7 +121,7 @@ def _load_open_clip(files: hub.ModelFiles) -> tuple[nn.Module, tuple, tuple, int
         raise ModelFormatError(f"{files.weights_path} is not a weights-only checkpoint.") from exc
     except Exception as exc:  # shape/key mismatches, corrupt files
         raise ModelFormatError(f"weights {files.weights_path} do not fit the config: {exc}") from exc
-    return model.visual, tuple(pp["mean"]), tuple(pp["std"]), _square_size(pp["size"], str(files.config_path))
+    return model.visual, tuple(pp["mean"]), tuple(pp["std"]), _square_size(pp["size"], str(files.root))
 
 
 def _load_open_clip_checkpoint(arch: str, checkpoint: Path) -> tuple[nn.Module, tuple, tuple, int]:
@@ -167,7 +167,9 @@ def resolve_files(ref: ModelRef, local_only: bool = False) -> hub.ModelFiles:
     if ref.kind == "local-dir":
         return hub.local_model_files(ref.identifier)
     family = ref.spec.family if ref.spec else None
-    return hub.fetch_model_files(ref.identifier, ref.revision, family=family, local_only=local_only)
+    arch = ref.spec.arch if ref.spec else None
+    return hub.fetch_model_files(ref.identifier, ref.revision, family=family, local_only=local_only,
+                                 builtin_arch=arch)
 
 
 def load_encoder(ref: ModelRef, device: torch.device | str = "cpu",
@@ -227,7 +229,8 @@ def describe_model(name: str, checkpoint: str | Path | None = None) -> dict:
                 "revision": hub.remote_revision(ref.identifier, ref.revision)}
     return {**info, "family": files.family, "present": True, "path": str(files.root),
             "revision": files.revision, "weights": str(files.weights_path),
-            "size_bytes": files.weights_path.stat().st_size + files.config_path.stat().st_size}
+            "config": str(files.config_path) if files.config_path else f"OpenCLIP built-in '{files.arch}'",
+            "size_bytes": sum(p.stat().st_size for p in (files.config_path, files.weights_path) if p)}
 
 
 def download_model(name: str) -> hub.ModelFiles:

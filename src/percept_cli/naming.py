@@ -104,13 +104,10 @@ def _checkpoint_ref(arch: str, checkpoint: Path) -> ModelRef:
     return ModelRef("checkpoint", arch_name, arch, checkpoint=checkpoint.resolve(), spec=spec)
 
 
-_ZOO_ARCH = {"ConvNeXt-B": "convnext_base_w", "ViT-B/16": "ViT-B-16", "ViT-B/32": "ViT-B-32", "ViT-L/14": "ViT-L-14-quickgelu"}  # OpenAI ViT-L/14 uses QuickGELU
-
-
 def _arch_of_spec(spec: ModelSpec) -> str:
-    if spec.family != "open_clip" or spec.backbone not in _ZOO_ARCH:
+    if spec.arch is None:
         raise BadInputError(f"--checkpoint is not supported for '{spec.name}'; pass an OpenCLIP architecture name.")
-    return _ZOO_ARCH[spec.backbone]
+    return spec.arch
 
 
 def _is_open_clip_arch(arch: str) -> bool:

@@ -65,7 +65,7 @@ def info_command(name: NameArg, checkpoint: CheckpointOpt = None, json: JsonOpt 
         table.add_column(style="bold")
         table.add_column()
         for key in ("name", "zoo", "label", "backbone", "method", "source", "family", "requested_revision",
-                    "present", "revision", "path", "weights", "cache_dir", "image_size"):
+                    "present", "revision", "path", "config", "weights", "cache_dir", "image_size"):
             if info.get(key) is not None:
                 table.add_row(key, str(info[key]))
         if info.get("nights"):
@@ -91,5 +91,5 @@ def download_command(name: NameArg, json: JsonOpt = False, quiet: QuietOpt = Fal
         disable_progress_bars()
     files = download_model(name)
     payload = {"name": name, "repo_id": files.repo_id, "revision": files.revision, "path": str(files.root),
-               "files": [files.config_path.name, files.weights_path.name]}
+               "files": [p.name for p in (files.config_path, files.weights_path) if p]}
     output.result(payload, lambda c: c.print(f"{name}: {files.repo_id}@{files.revision} in {files.root}"))
