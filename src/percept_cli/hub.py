@@ -95,14 +95,21 @@ def local_model_files(directory: str | Path) -> ModelFiles:
 
 
 def fetch_model_files(repo_id: str, revision: str | None = None, *, family: str | None = None,
-                      local_only: bool = False, builtin_arch: str | None = None) -> ModelFiles:
-    """Config and weights of a Hub model, from the cache or downloaded into it.
+                      local_only: bool = False, refresh: bool = False,
+                      builtin_arch: str | None = None) -> ModelFiles:
+    """Config and weights of a Hub model: from the cache if there, else downloaded into it.
+
+    Cache-first: a cached snapshot is used without contacting the Hub (fast, and works
+    offline); ``refresh=True`` (``percept models download``) asks the Hub for the newest files.
+    Before downloading, the Hub is probed once with a short timeout, so an offline machine
+    gets its answer at once instead of after huggingface_hub's retries.
 
     Args:
         repo_id: ``org/name``.
         revision: branch, tag or commit; None for the default branch.
         family: ``open_clip`` or ``timm`` if known (zoo entries); None tries both.
         local_only: never contact the Hub (as with HF_HUB_OFFLINE=1).
+        refresh: skip the cache-first lookup.
         builtin_arch: OpenCLIP built-in config to use if the repo has OpenCLIP weights but
             no ``open_clip_config.json`` (OpenAI's CLIP repos on the Hub are like that).
 
@@ -111,6 +118,32 @@ def fetch_model_files(repo_id: str, revision: str | None = None, *, family: str 
         BadInputError: the repo or revision does not exist, or holds no model files.
     """
     families = (family,) if family else (OPEN_CLIP, TIMM)
+    where = repo_id + (f"@{revision}" if revision else "")
+    offline = local_only or hub_offline()
+    if not refresh or offline:
+        files = _locate(repo_id, revision, families, True, builtin_arch)
+        if files is not None:
+            return files
+    if not offline and _hub_reachable():
+        files = _locate(repo_id, revision, families, False, builtin_arch)
+        if files is not None:
+            return files
+        raise BadInputError(f"Hub repo {where} holds no open_clip_config.json or config.json with weights; "
+                            "it is not an OpenCLIP or timm model.")
+    if _in_cache(repo_id):
+        raise BadInputError(f"Hub repo {where} in the local cache ({hub_cache_dir()}) has no complete "
+                            "open_clip_config.json or config.json with weights (partly downloaded, or not "
+                            "an OpenCLIP or timm model).")
+    raise ModelUnavailableError(
+        f"model hf-hub:{where} is not in the local Hugging Face cache ({hub_cache_dir()}) "
+        "and the Hub cannot be reached.",
+        f"Run `percept models download hf-hub:{where}` on a connected machine and copy its cache "
+        "(set HF_HUB_CACHE or HF_HOME to point at it), or pass a local model directory with --model.")
+
+
+def _locate(repo_id: str, revision: str | None, families: tuple[str, ...], local_only: bool,
+            builtin_arch: str | None) -> ModelFiles | None:
+    """The first family whose config (or built-in arch) and weights are available; None if none."""
     for fam in families:
         config = _download(repo_id, CONFIG_FILES[fam], revision, local_only)
         if config is None and not (fam == OPEN_CLIP and builtin_arch):
@@ -120,9 +153,7 @@ def fetch_model_files(repo_id: str, revision: str | None = None, *, family: str 
             if weights is not None:
                 arch = builtin_arch if config is None else None
                 return ModelFiles(fam, config, weights, weights.parent, repo_id, weights.parent.name, arch)
-        if config is not None:
-            raise _unavailable_or_missing(repo_id, revision, local_only, f"has {config.name} but no weights file")
-    raise _unavailable_or_missing(repo_id, revision, local_only, "has no open_clip_config.json or config.json")
+    return None
 
 
 def _download(repo_id: str, filename: str, revision: str | None, local_only: bool) -> Path | None:
@@ -135,7 +166,7 @@ def _download(repo_id: str, filename: str, revision: str | None, local_only: boo
 
     try:
         path = hf_hub_download(repo_id, filename, revision=revision, library_name="percept",
-                               library_version=__version__, local_files_only=local_only or hub_offline())
+                               library_version=__version__, local_files_only=local_only)
     except GatedRepoError as exc:
         raise ModelUnavailableError(f"Hub repo {repo_id} is gated: accept its terms on huggingface.co "
                                     "and log in with `hf auth login`.") from exc
@@ -146,22 +177,6 @@ def _download(repo_id: str, filename: str, revision: str | None, local_only: boo
     except (EntryNotFoundError, LocalEntryNotFoundError):
         return None
     return Path(path)
-
-
-def _unavailable_or_missing(repo_id: str, revision: str | None, local_only: bool, what: str) -> Exception:
-    """The error for a repo whose files we could not get: offline-and-uncached, or genuinely missing."""
-    where = repo_id + (f"@{revision}" if revision else "")
-    offline = local_only or hub_offline()
-    if offline and _in_cache(repo_id):
-        return BadInputError(f"Hub repo {where} in the local cache ({hub_cache_dir()}) {what}: "
-                             "it is incomplete, or not an OpenCLIP or timm model.")
-    if offline or not _hub_reachable():
-        return ModelUnavailableError(
-            f"model hf-hub:{where} is not in the local Hugging Face cache ({hub_cache_dir()}) "
-            "and the Hub cannot be reached.",
-            f"Run `percept models download {where}` on a connected machine and copy its cache "
-            "(set HF_HUB_CACHE or HF_HOME to point at it), or pass a local model directory with --model.")
-    return BadInputError(f"Hub repo {where} {what}; it is not an OpenCLIP or timm model.")
 
 
 def _in_cache(repo_id: str) -> bool:

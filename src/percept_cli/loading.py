@@ -162,14 +162,14 @@ def _load_timm(files: hub.ModelFiles) -> tuple[nn.Module, tuple, tuple, int]:
     return model, tuple(pretrained.get("mean", IMAGENET_MEAN)), tuple(pretrained.get("std", IMAGENET_STD)), size
 
 
-def resolve_files(ref: ModelRef, local_only: bool = False) -> hub.ModelFiles:
-    """The config and weights files for a Hub or local-dir reference."""
+def resolve_files(ref: ModelRef, local_only: bool = False, refresh: bool = False) -> hub.ModelFiles:
+    """The config and weights files for a Hub or local-dir reference (cache-first for the Hub)."""
     if ref.kind == "local-dir":
         return hub.local_model_files(ref.identifier)
     family = ref.spec.family if ref.spec else None
     arch = ref.spec.arch if ref.spec else None
     return hub.fetch_model_files(ref.identifier, ref.revision, family=family, local_only=local_only,
-                                 builtin_arch=arch)
+                                 refresh=refresh, builtin_arch=arch)
 
 
 def load_encoder(ref: ModelRef, device: torch.device | str = "cpu",
@@ -234,11 +234,12 @@ def describe_model(name: str, checkpoint: str | Path | None = None) -> dict:
 
 
 def download_model(name: str) -> hub.ModelFiles:
-    """Fetch a Hub model's config and weights into the Hugging Face cache (no-op if cached)."""
+    """Fetch a Hub model's config and weights into the Hugging Face cache, asking the Hub for the
+    newest revision (offline: the cached snapshot, if any)."""
     from .errors import BadInputError
     from .naming import parse_model_name
 
     ref = parse_model_name(name)
     if ref.kind != "hf-hub":
         raise BadInputError(f"'{name}' is a local model; there is nothing to download.")
-    return resolve_files(ref)
+    return resolve_files(ref, refresh=True)
