@@ -199,3 +199,30 @@ def run_job(metric, job: DistanceJob, *, skip_bad: bool = False, skipped: Sequen
     d = (1.0 - (emb[ia] * emb[ib]).sum(-1)).cpu().tolist()
     records = [{"a": a, "b": b, "distance": v} for (a, b), v in zip(pairs, d)]
     return DistanceResult(job.mode, records, skipped=failures)
+
+
+def check_robust_mode(mode: str) -> None:
+    """Raise BadInputError for modes where an attack per pair is not offered (matrix)."""
+    if mode == "matrix":
+        raise BadInputError("--robust is not available for a distance matrix; use --pairs or REF CANDIDATES.")
+
+
+def robust_intervals(metric, result: DistanceResult, settings, *, batch_size: int = 32,
+                     progress: Callable[[int], None] | None = None) -> DistanceResult:
+    """Add ``low``/``high`` to each record: the distance range an attacker perturbing ``b`` reached.
+
+    Two APGD runs per pair (minimise and maximise the distance); an empirical bound, not a
+    certificate. Not available for matrix mode (N x M attacks).
+    """
+    from .attacks import distance_interval
+
+    check_robust_mode(result.mode)
+    for start in range(0, len(result.records), batch_size):
+        chunk = result.records[start:start + batch_size]
+        a = metric.pixels([r["a"] for r in chunk])
+        b = metric.pixels([r["b"] for r in chunk])
+        interval = distance_interval(metric, a, b, settings, progress=progress)
+        for rec, d, low, high in zip(chunk, interval.distance.tolist(), interval.low.tolist(),
+                                     interval.high.tolist()):
+            rec.update(distance=d, low=low, high=high)
+    return result

@@ -182,9 +182,7 @@ class PerceptualMetric:
 
     @staticmethod
     def _as_list(images: Images) -> list:
-        if isinstance(images, torch.Tensor):
-            return [images] if images.dim() in (3, 4) else [images]
-        if _is_path(images) or isinstance(images, Image.Image):
+        if isinstance(images, torch.Tensor) or _is_path(images) or isinstance(images, Image.Image):
             return [images]
         items = list(images)
         if not items:

@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 import typer
 
 from .. import __version__
-from . import distance, models
+from . import attack, distance, models
 
 app = typer.Typer(
     name="percept",
@@ -37,6 +37,7 @@ def _root(version: Annotated[Optional[bool], typer.Option("--version", callback=
 
 
 app.command("distance", help=distance.HELP, no_args_is_help=False)(distance.distance)
+app.add_typer(attack.app, name="attack")
 app.add_typer(models.app, name="models")
 
 

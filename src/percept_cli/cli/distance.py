@@ -9,8 +9,8 @@ import typer
 
 from ..zoo import DEFAULT_MODEL
 from .errors import handle_errors
-from .options import (BatchSizeOpt, CheckpointOpt, Common, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, QuietOpt,
-                      SeedOpt, WorkersOpt)
+from .options import (BatchSizeOpt, CheckpointOpt, Common, DeviceOpt, DtypeOpt, ItersOpt, JsonOpt, ModelOpt,
+                      NormOpt, QuietOpt, RandomStartOpt, RestartsOpt, SeedOpt, WorkersOpt, attack_settings)
 from .output import Output
 
 MAX_PRINTED_MATRIX = (40, 12)  # rows, cols shown as a table without --out
@@ -22,6 +22,7 @@ HELP = """Perceptual distance (1 - cosine of robust embeddings) between images.
   percept distance REF.png C1.png C2.png    candidates ranked, nearest first (directories expand)
   percept distance --pairs pairs.csv        one distance per CSV row (a,b; relative to the CSV)
   percept distance DIR_A DIR_B --out d.npy  full matrix (.csv, .npy or .safetensors); one DIR: DIR vs itself
+  percept distance A.png B.png --robust 4/255   also the range an attacker perturbing B can reach
 """
 
 
@@ -33,6 +34,13 @@ def distance(
                                                 "pairs/ranking .csv/.json.")] = None,
     recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Look for images in subdirectories.")] = False,
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Report and skip unreadable images instead of stopping.")] = False,
+    robust: Annotated[Optional[str], typer.Option(
+        "--robust", help="Also report [min, max] distance an attacker perturbing the second image within this "
+        "radius reaches (two APGD runs; an empirical bound, not a certificate).", rich_help_panel="Attack")] = None,
+    norm: NormOpt = "linf",
+    iters: ItersOpt = 100,
+    restarts: RestartsOpt = 1,
+    random_start: RandomStartOpt = True,
     model: ModelOpt = DEFAULT_MODEL,
     checkpoint: CheckpointOpt = None,
     device: DeviceOpt = "auto",
@@ -46,10 +54,16 @@ def distance(
     from .. import distances
     from ..outputs import MATRIX_FORMATS, TABLE_FORMATS, check_output_path
 
+    settings = None
+    if robust is not None:  # weights stay fp32; --dtype then sets the attack's autocast precision
+        settings = attack_settings(norm, robust, iters, restarts, random_start, seed, dtype)
+        dtype = "fp32"
     common = Common(model, checkpoint, device, dtype, batch_size, workers, seed, json, quiet)
     output = Output(json, quiet)
 
     job = distances.plan_job(inputs or [], str(pairs) if pairs else None, recursive)
+    if settings is not None:
+        distances.check_robust_mode(job.mode)
     files = job.files()
     if out is not None:
         check_output_path(out, MATRIX_FORMATS if job.mode == "matrix" else TABLE_FORMATS, files)
@@ -66,11 +80,16 @@ def distance(
     metric = common.load_metric(output)
     with output.progress(len(files) - len(failures), "Embedding") as advance:
         result = distances.run_job(metric, job, skip_bad=skip_bad, skipped=failures, progress=advance)
+    if settings is not None:
+        with output.progress(2 * settings.iters * settings.restarts * -(-len(result.records) // batch_size),
+                             "Attacking") as advance:
+            distances.robust_intervals(metric, result, settings, batch_size=batch_size, progress=advance)
     for failure in result.skipped:
         output.warn(f"skipped {failure.path}: {failure.reason}")
 
     written = _write(out, result, common.describe(metric)) if out is not None else None
     payload = {**common.describe(metric), "mode": result.mode, "results": result.records,
+               "robust": None if settings is None else _robust_info(settings),
                "skipped": [{"path": f.path, "reason": f.reason} for f in result.skipped],
                "out": str(written) if written else None}
     if result.matrix is not None:
@@ -78,7 +97,15 @@ def distance(
                        shape=list(result.matrix.shape))
         if out is None:
             payload["matrix"] = result.matrix.tolist()
-    output.result(payload, lambda console: _render(console, result, written))
+    output.result(payload, lambda console: _render(console, result, written, payload["robust"]))
+
+
+def _robust_info(settings) -> dict:
+    from ..attacks import format_eps
+
+    return {"norm": settings.norm, "eps": settings.eps, "eps_text": format_eps(settings.eps, settings.norm),
+            "iters": settings.iters, "restarts": settings.restarts, "perturbed": "b",
+            "note": "empirical interval found by APGD, not a certificate"}
 
 
 def _write(out: Path, result, settings: dict) -> Path:
@@ -90,11 +117,14 @@ def _write(out: Path, result, settings: dict) -> Path:
     return write_table(out, result.records)
 
 
-def _render(console, result, written: Optional[Path]) -> None:
+def _render(console, result, written: Optional[Path], robust: Optional[dict] = None) -> None:
     from rich.table import Table
 
     if result.mode == "pair":
-        console.print(f"d = {result.records[0]['distance']:.4f}")
+        rec = result.records[0]
+        extra = (f"  [{rec['low']:.4f}, {rec['high']:.4f}] under {robust['norm']} {robust['eps_text']}"
+                 if robust else "")
+        console.print(f"d = {rec['distance']:.4f}{extra}")
         return
     if written is not None:
         what = (f"{result.matrix.shape[0]}x{result.matrix.shape[1]} distance matrix" if result.matrix is not None
@@ -116,12 +146,17 @@ def _render(console, result, written: Optional[Path]) -> None:
         table.add_column("#", justify="right")
         table.add_column("candidate")
         table.add_column("distance", justify="right")
-        for rec in result.records:
-            table.add_row(str(rec["rank"]), rec["b"], f"{rec['distance']:.4f}")
+        rows = [[str(rec["rank"]), rec["b"], f"{rec['distance']:.4f}"] for rec in result.records]
     else:
         table.add_column("a")
         table.add_column("b")
         table.add_column("distance", justify="right")
-        for rec in result.records:
-            table.add_row(rec["a"], rec["b"], f"{rec['distance']:.4f}")
+        rows = [[rec["a"], rec["b"], f"{rec['distance']:.4f}"] for rec in result.records]
+    if robust:
+        table.add_column(f"min under {robust['norm']} {robust['eps_text']}", justify="right")
+        table.add_column("max", justify="right")
+        rows = [row + [f"{rec['low']:.4f}", f"{rec['high']:.4f}"] for row, rec in zip(rows, result.records)]
+        table.caption = "attack-found (empirical) range when the second image is perturbed; not a certificate"
+    for row in rows:
+        table.add_row(*row)
     console.print(table)

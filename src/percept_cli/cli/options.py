@@ -64,3 +64,37 @@ class Common:
         """The run's settings for JSON output."""
         return {"model": metric.source.as_dict(), "device": str(metric.device), "dtype": metric.dtype_name,
                 "image_size": metric.image_size, "batch_size": self.batch_size, "seed": self.seed}
+
+
+# -- attack options (percept attack ..., percept distance --robust) -------------------------------
+NormOpt = Annotated[str, typer.Option("--norm", help="Threat model: linf or l2.", rich_help_panel="Attack")]
+EpsOpt = Annotated[Optional[str], typer.Option(
+    "--eps", help="Radius: 4/255, 0.0157 or 3 (default: 4/255 for linf, 3 for l2).", show_default=False,
+    rich_help_panel="Attack")]
+ItersOpt = Annotated[int, typer.Option("--iters", min=1, help="APGD iterations per restart.",
+                                       rich_help_panel="Attack")]
+RestartsOpt = Annotated[int, typer.Option("--restarts", min=1, help="APGD runs; later ones attack only "
+                                          "unbroken points from a random start.", rich_help_panel="Attack")]
+RandomStartOpt = Annotated[bool, typer.Option("--random-start/--no-random-start",
+                                              help="Start the first run at a random point of the ball.",
+                                              rich_help_panel="Attack")]
+ATTACK_DTYPE_HELP = ("fp32 | bf16 | fp16: precision of the attack's forward/backward (autocast); "
+                     "weights stay fp32 and every verdict is re-checked in fp32.")
+AttackDtypeOpt = Annotated[str, typer.Option("--dtype", help=ATTACK_DTYPE_HELP, rich_help_panel="Model")]
+DEFAULT_EPS = {"linf": "4/255", "l2": "3"}
+
+
+def attack_settings(norm: str, eps: Optional[str], iters: int, restarts: int, random_start: bool, seed: int,
+                    dtype: str, loss: str = "ce", square_queries: int = 0):
+    """AttackSettings from CLI values (validating norm, eps and dtype; BadInputError on bad ones)."""
+    import torch
+
+    from ..attacks import AttackSettings, parse_eps, parse_norm
+    from ..devices import resolve_dtype
+
+    norm = parse_norm(norm)
+    autocast = resolve_dtype(dtype)
+    return AttackSettings(norm=norm, eps=parse_eps(eps if eps is not None else DEFAULT_EPS[norm]), iters=iters,
+                          restarts=restarts, random_start=random_start, seed=seed, loss=loss,
+                          autocast_dtype=None if autocast == torch.float32 else autocast,
+                          square_queries=square_queries)

@@ -1,0 +1,168 @@
+"""Auto-PGD (APGD), written from Croce & Hein, "Reliable evaluation of adversarial robustness
+with an ensemble of diverse parameter-free attacks", ICML 2020 (Algorithm 1, Sec. 3).
+
+* step size starts at 2·eps (l_inf and l2), one per example;
+* momentum alpha = 0.75: x(k+1) = P(x(k) + alpha (z(k+1) - x(k)) + (1 - alpha)(x(k) - x(k-1))),
+  with z(k+1) = P(x(k) + eta(k) * ascent direction);
+* checkpoints w_j = ceil(p_j N), p_0 = 0, p_1 = 0.22, p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06);
+* at a checkpoint the step size of an example is halved, and it restarts from its best point, if
+  (1) fewer than rho = 0.75 of the steps since the last checkpoint increased its loss, or
+  (2) its step size was not reduced at the last checkpoint and its best loss has not improved since.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+
+from .core import AttackResult, loss_and_grad, with_restarts
+from .threat import ascent_direction, project
+
+MOMENTUM = 0.75
+RHO = 0.75
+P1, P_DECAY, P_MIN = 0.22, 0.03, 0.06
+
+
+def checkpoints(n_iter: int) -> list[int]:
+    """The iterations w_j = ceil(p_j N) (j >= 1) at which step sizes are reconsidered.
+
+    >>> checkpoints(100)
+    [22, 41, 57, 70, 80, 87, 93, 99]
+    """
+    p_prev, p = 0.0, P1
+    points = []
+    while p <= 1.0:
+        w = math.ceil(p * n_iter - 1e-9)
+        if 0 < w <= n_iter and (not points or w > points[-1]):
+            points.append(w)
+        p_prev, p = p, p + max(p - p_prev - P_DECAY, P_MIN)
+    return points
+
+
+class _State:
+    """Per-example optimiser state for the examples still being attacked (rows aligned)."""
+
+    def __init__(self, x, index, x_adv, loss, broken, grad, eps):
+        self.x, self.index = x, index
+        self.x_adv, self.x_prev, self.grad = x_adv, x_adv.clone(), grad
+        self.loss = loss
+        self.x_best, self.loss_best, self.grad_best = x_adv.clone(), loss.clone(), grad.clone()
+        self.step = torch.full_like(loss, 2.0 * eps)
+        self.count = torch.zeros_like(loss)
+        self.loss_best_ckpt = loss.clone()
+        self.reduced_ckpt = torch.zeros_like(loss, dtype=torch.bool)
+        self.ever = broken.clone() if broken is not None else None
+        self.x_succ = x_adv.clone()
+
+    def keep(self, mask: torch.Tensor) -> None:
+        for name, value in vars(self).items():
+            if isinstance(value, torch.Tensor):
+                setattr(self, name, value[mask])
+
+
+def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return v.view(-1, *([1] * (like.dim() - 1)))
+
+
+def apgd_run(objective, x: torch.Tensor, index: torch.Tensor, x_init: torch.Tensor, eps: float, norm: str,
+             n_iter: int, *, early_stop: bool = False, autocast_dtype=None,
+             progress: Optional[Callable[[int], None]] = None) -> AttackResult:
+    """One APGD run from ``x_init`` on the examples ``index`` (rows of ``x``).
+
+    Returns per example the latest successful point if the objective has a success notion and
+    one was found, else the point of highest loss.
+    """
+    loss, broken, grad = loss_and_grad(objective, x_init, index, autocast_dtype)
+    s = _State(x, torch.arange(x.shape[0], device=x.device), x_init.clone(), loss, broken, grad, eps)
+    out_x, out_loss = x_init.clone(), loss.clone()
+    out_broken = broken.clone() if broken is not None else None
+    evaluations = x.shape[0]
+    marks, last_mark = set(checkpoints(n_iter)), 0
+
+    def flush(rows: torch.Tensor) -> None:
+        local = s.index[rows]
+        if s.ever is not None:
+            out_broken[local] = s.ever[rows]
+            chosen = torch.where(_bcast(s.ever[rows], s.x_best), s.x_succ[rows], s.x_best[rows])
+        else:
+            chosen = s.x_best[rows]
+        out_x[local] = chosen
+        out_loss[local] = s.loss_best[rows]
+
+    if early_stop and s.ever is not None and bool(s.ever.any()):
+        flush(s.ever)
+        s.keep(~s.ever)
+    for k in range(n_iter):
+        if s.x.shape[0] == 0:
+            break
+        with torch.no_grad():
+            z = project(s.x_adv + _bcast(s.step, s.x_adv) * ascent_direction(s.grad, norm), s.x, eps, norm)
+            if k == 0:
+                x_new = z
+            else:
+                x_new = project(s.x_adv + MOMENTUM * (z - s.x_adv) + (1 - MOMENTUM) * (s.x_adv - s.x_prev),
+                                s.x, eps, norm)
+            s.x_prev, s.x_adv = s.x_adv, x_new
+        loss, broken, s.grad = loss_and_grad(objective, s.x_adv, index[s.index], autocast_dtype)
+        evaluations += s.x.shape[0]
+        with torch.no_grad():
+            s.count += (loss > s.loss).float()
+            s.loss = loss
+            better = loss > s.loss_best
+            s.loss_best = torch.where(better, loss, s.loss_best)
+            s.x_best = torch.where(_bcast(better, s.x_adv), s.x_adv, s.x_best)
+            s.grad_best = torch.where(_bcast(better, s.grad), s.grad, s.grad_best)
+            if s.ever is not None:
+                s.x_succ = torch.where(_bcast(broken, s.x_adv), s.x_adv, s.x_succ)
+                s.ever |= broken
+            if (k + 1) in marks:
+                _checkpoint(s, k + 1 - last_mark)
+                last_mark = k + 1
+        if progress is not None:
+            progress(1)
+        if early_stop and s.ever is not None and bool(s.ever.any()):
+            flush(s.ever)
+            s.keep(~s.ever)
+    if s.x.shape[0]:
+        flush(torch.ones_like(s.loss, dtype=torch.bool))
+    return AttackResult(out_x, out_loss, out_broken, evaluations)
+
+
+def _checkpoint(s: _State, height: int) -> None:
+    """Halve the step and restart from the best point where conditions (1) or (2) hold."""
+    cond1 = s.count < RHO * height
+    cond2 = ~s.reduced_ckpt & (s.loss_best <= s.loss_best_ckpt)
+    reduce = cond1 | cond2
+    s.step = torch.where(reduce, s.step / 2, s.step)
+    mask = _bcast(reduce, s.x_adv)
+    s.x_adv = torch.where(mask, s.x_best, s.x_adv)
+    s.grad = torch.where(mask, s.grad_best, s.grad)
+    s.loss = torch.where(reduce, s.loss_best, s.loss)
+    s.reduced_ckpt = reduce
+    s.loss_best_ckpt = s.loss_best.clone()
+    s.count.zero_()
+
+
+def apgd(objective, x: torch.Tensor, eps: float, norm: str = "linf", n_iter: int = 100, *, restarts: int = 1,
+         random_start: bool = True, seed: int = 0, early_stop: bool = False, autocast_dtype=None,
+         progress: Optional[Callable[[int], None]] = None) -> AttackResult:
+    """APGD with restarts on a batch ``x`` (B,...) in [0,1].
+
+    Args:
+        objective: see :mod:`percept_cli.attacks.objectives`.
+        eps, norm: the threat model (``linf`` or ``l2``).
+        n_iter: iterations per restart (the paper used 100).
+        restarts: runs; each later run attacks only the points still unbroken, from a random start.
+        random_start: start the first run at a random point of the ball (else at ``x``).
+        seed: makes random starts repeatable.
+        early_stop: examples leave the batch once broken (evaluation, where only the decision counts).
+        autocast_dtype: e.g. torch.bfloat16 to run forward/backward under autocast.
+        progress: called with 1 after each iteration.
+    """
+    def run(obj, x_sub, index, start, generator):
+        return apgd_run(obj, x_sub, index, start, eps, norm, n_iter, early_stop=early_stop,
+                        autocast_dtype=autocast_dtype, progress=progress)
+
+    return with_restarts(run, objective, x, eps, norm, restarts, random_start, seed)

@@ -1,0 +1,148 @@
+"""Threat models: l_inf and l2 balls intersected with the image box [0,1].
+
+Standalone functions for everything the optimisers share: parsing ``--eps``, the
+projection, the steepest-ascent direction, random starts, and putting an
+adversarial image on the 8-bit grid without leaving the ball.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+
+from ..errors import BadInputError
+
+NORMS = ("linf", "l2")
+_EPS_TEXT = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(?:/\s*([0-9]*\.?[0-9]+))?\s*$")
+_TINY = 1e-12
+
+
+def parse_norm(text: str) -> str:
+    """``linf`` (also ``Linf``, ``inf``, ``l_inf``) or ``l2``.
+
+    Raises:
+        BadInputError: any other value.
+    """
+    key = (text or "").strip().lower().replace("_", "").replace("-", "")
+    if key in {"linf", "inf", "li"}:
+        return "linf"
+    if key in {"l2", "2"}:
+        return "l2"
+    raise BadInputError(f"unknown norm '{text}'; use linf or l2.")
+
+
+def parse_eps(text: str | float) -> float:
+    """An attack radius from ``4/255``, ``0.0157`` or ``3``: a positive finite number.
+
+    Raises:
+        BadInputError: malformed text, or a value that is not > 0.
+
+    >>> round(parse_eps("4/255"), 6)
+    0.015686
+    """
+    if isinstance(text, (int, float)):
+        value = float(text)
+    else:
+        match = _EPS_TEXT.match(str(text))
+        if not match:
+            raise BadInputError(f"malformed eps '{text}'; write e.g. 4/255, 0.0157 or 3.")
+        value = float(match.group(1))
+        if match.group(2) is not None:
+            denominator = float(match.group(2))
+            if denominator == 0:
+                raise BadInputError(f"malformed eps '{text}': division by zero.")
+            value /= denominator
+    if not math.isfinite(value) or value <= 0:
+        raise BadInputError(f"eps must be a positive number; got '{text}'.")
+    return value
+
+
+def format_eps(eps: float, norm: str) -> str:
+    """``4/255`` for l_inf radii on the 8-bit grid, else a plain number."""
+    scaled = eps * 255
+    if norm == "linf" and abs(scaled - round(scaled)) < 1e-6:
+        return f"{int(round(scaled))}/255"
+    return f"{eps:g}"
+
+
+def lp_norm(delta: torch.Tensor, norm: str) -> torch.Tensor:
+    """Per-example norm of a (B, ...) perturbation."""
+    flat = delta.flatten(1)
+    return flat.abs().amax(1) if norm == "linf" else flat.norm(p=2, dim=1)
+
+
+def _view(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return v.view(-1, *([1] * (like.dim() - 1)))
+
+
+def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
+    """A point of the ball of radius ``eps`` around ``x`` intersected with [0,1].
+
+    l_inf: the exact Euclidean projection (clip the perturbation, then the box).
+    l2: scale the perturbation into the ball, then clip to the box; clipping only moves
+    coordinates towards ``x`` (which lies in the box), so the result stays in the ball.
+    """
+    delta = x_adv - x
+    if norm == "linf":
+        delta = delta.clamp(-eps, eps)
+    else:
+        factor = (eps / (lp_norm(delta, "l2") + _TINY)).clamp(max=1.0)
+        delta = delta * _view(factor, delta)
+    return (x + delta).clamp(0.0, 1.0)
+
+
+def ascent_direction(grad: torch.Tensor, norm: str) -> torch.Tensor:
+    """Steepest ascent for the norm: sign(g) for l_inf, g/||g||_2 for l2."""
+    if norm == "linf":
+        return grad.sign()
+    return grad / _view(lp_norm(grad, "l2") + _TINY, grad)
+
+
+def random_start(x: torch.Tensor, eps: float, norm: str, generator: torch.Generator | None) -> torch.Tensor:
+    """A random point of the ball ∩ box: uniform in the l_inf cube, or on the l2 sphere."""
+    if norm == "linf":
+        noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) * 2 - 1
+        return project(x + eps * noise, x, eps, norm)
+    noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    noise = noise / _view(lp_norm(noise, "l2") + _TINY, noise)
+    return project(x + eps * noise, x, eps, norm)
+
+
+def quantize_into_ball(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Put ``x_adv`` on the 8-bit grid (k/255) while staying in the ball around ``x``.
+
+    l_inf: each pixel takes the grid value nearest ``x_adv`` among those within eps of ``x``.
+    l2: the largest fraction c of the perturbation whose rounded image stays in the ball (bisection).
+
+    Returns:
+        (quantised images, per-example bool: inside the ball). An example can end up outside
+        only when no grid point is inside (eps below the rounding error of ``x`` itself).
+    """
+    tol = 1e-6
+    if norm == "linf":
+        lo = torch.ceil((x - eps) * 255 - tol).clamp(0, 255)
+        hi = torch.floor((x + eps) * 255 + tol).clamp(0, 255)
+        k = torch.round(x_adv * 255)
+        empty = lo > hi
+        k = torch.where(empty, torch.round(x * 255), torch.minimum(torch.maximum(k, lo), hi))
+        q = k / 255
+    else:
+        delta = x_adv - x
+
+        def rounded(c):
+            return torch.round((x + _view(c, x) * delta).clamp(0, 1) * 255) / 255
+
+        lo_c = torch.zeros(x.shape[0], device=x.device, dtype=x.dtype)
+        hi_c = torch.ones_like(lo_c)
+        fits_full = lp_norm(rounded(hi_c) - x, "l2") <= eps + tol
+        for _ in range(20):
+            mid = (lo_c + hi_c) / 2
+            ok = lp_norm(rounded(mid) - x, "l2") <= eps + tol
+            lo_c = torch.where(ok, mid, lo_c)
+            hi_c = torch.where(ok, hi_c, mid)
+        q = rounded(torch.where(fits_full, torch.ones_like(lo_c), lo_c))
+    in_ball = lp_norm(q - x, norm) <= eps + tol
+    return q, in_ball

@@ -1,0 +1,210 @@
+"""``percept attack 2afc|embed``: attack one 2AFC decision or one embedding, and report it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, List, Optional
+
+import typer
+
+from ..zoo import DEFAULT_MODEL
+from .errors import handle_errors
+from .options import (AttackDtypeOpt, BatchSizeOpt, CheckpointOpt, Common, DeviceOpt, EpsOpt, ItersOpt, JsonOpt,
+                      ModelOpt, NormOpt, QuietOpt, RandomStartOpt, RestartsOpt, SeedOpt, attack_settings)
+from .output import Output
+
+app = typer.Typer(help="Attack a 2AFC decision or an embedding with APGD (l_inf or l2).", no_args_is_help=True)
+
+OutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", help="Save the adversarial image as 8-bit PNG "
+                                                "(projected back into the ball; success re-checked).")]
+
+
+def _prepare(common: Common, output: Output, images: list[Path], out: Optional[Path]):
+    """Validate files and --out before any model work, then load the metric (fp32 weights)."""
+    from ..distances import check_files, first_failure_error
+    from ..outputs import check_output_path
+
+    failures = check_files([str(p) for p in images])
+    if failures:
+        raise first_failure_error(failures)
+    if out is not None:
+        check_output_path(out, (".png",), images)
+    return common.load_metric(output)
+
+
+def _save(out: Path, pixels) -> None:
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from ..outputs import atomic_path
+
+    arr = (pixels.detach().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
+    with atomic_path(out) as tmp:
+        Image.fromarray(np.ascontiguousarray(arr.permute(1, 2, 0).numpy())).save(tmp, format="PNG")
+
+
+def _threat(settings) -> dict:
+    from ..attacks import format_eps
+
+    return {"norm": settings.norm, "eps": settings.eps, "eps_text": format_eps(settings.eps, settings.norm),
+            "iters": settings.iters, "restarts": settings.restarts, "random_start": settings.random_start,
+            "seed": settings.seed, "loss": settings.loss, "square_queries": settings.square_queries,
+            "autocast": None if settings.autocast_dtype is None else str(settings.autocast_dtype).split(".")[-1]}
+
+
+@app.command("2afc")
+@handle_errors
+def attack_2afc_command(
+    ref: Annotated[Path, typer.Option("--ref", help="Reference image (the one perturbed).", show_default=False)],
+    left: Annotated[Path, typer.Option("--left", help="First candidate (x0).", show_default=False)],
+    right: Annotated[Path, typer.Option("--right", help="Second candidate (x1).", show_default=False)],
+    label: Annotated[Optional[str], typer.Option("--label", help="left | right: the correct candidate "
+                                                 "(default: the model's own clean decision).")] = None,
+    loss: Annotated[str, typer.Option("--loss", help="ce | margin.")] = "ce",
+    square_queries: Annotated[int, typer.Option("--square", min=0, help="Also run Square Attack with this many "
+                                                "queries (gradient-masking check).")] = 0,
+    out: OutOpt = None,
+    norm: NormOpt = "linf", eps: EpsOpt = None, iters: ItersOpt = 100, restarts: RestartsOpt = 1,
+    random_start: RandomStartOpt = True,
+    model: ModelOpt = DEFAULT_MODEL, checkpoint: CheckpointOpt = None, device: DeviceOpt = "auto",
+    dtype: AttackDtypeOpt = "fp32", batch_size: BatchSizeOpt = 32, seed: SeedOpt = 0,
+    json: JsonOpt = False, quiet: QuietOpt = False,
+) -> None:
+    """Flip a 2AFC decision: perturb REF so the other candidate looks closer."""
+    import torch
+
+    from ..attacks import attack_2afc
+    from ..attacks.objectives import TwoAFCObjective, twoafc_logits
+    from ..attacks.core import evaluate
+    from ..attacks.tasks import save_ready
+    from ..errors import BadInputError
+
+    if label is not None and label.lower() not in {"left", "right", "0", "1"}:
+        raise BadInputError(f"--label must be left or right; got '{label}'.")
+    if loss not in {"ce", "margin"}:
+        raise BadInputError(f"--loss must be ce or margin; got '{loss}'.")
+    settings = attack_settings(norm, eps, iters, restarts, random_start, seed, dtype, loss, square_queries)
+    common = Common(model, checkpoint, device, "fp32", batch_size, None, seed, json, quiet)
+    output = Output(json, quiet)
+    metric = _prepare(common, output, [ref, left, right], out)
+    pixels = metric.pixels([str(ref), str(left), str(right)])
+    y = None if label is None else torch.tensor([0 if label.lower() in {"left", "0"} else 1])
+    with output.progress(settings.iters * settings.restarts, "APGD") as advance:
+        report = attack_2afc(metric, pixels[0:1], pixels[1:2], pixels[2:3], y, settings, early_stop=False,
+                             progress=advance)
+    names = ["left", "right"]
+    payload = {**common.describe(metric), "threat": _threat(settings),
+               "label": names[int(report.label[0])], "label_source": "given" if label else "model's clean decision",
+               "clean": {"sim_left": float(report.clean_similarity[0, 0]),
+                         "sim_right": float(report.clean_similarity[0, 1]),
+                         "decision": names[int(report.clean_similarity[0, 1] > report.clean_similarity[0, 0])]},
+               "adversarial": {"sim_left": float(report.adv_similarity[0, 0]),
+                               "sim_right": float(report.adv_similarity[0, 1]),
+                               "decision": names[int(report.adv_similarity[0, 1] > report.adv_similarity[0, 0])]},
+               "clean_correct": bool(report.clean_correct[0]), "robust_correct": bool(report.robust_correct[0]),
+               "flipped": bool(report.flipped[0]), "perturbation_norm": float(report.perturbation_norm[0]),
+               "found_by_square": None if report.found_by_square is None else bool(report.found_by_square[0])}
+    if out is not None:
+        q, in_ball = save_ready(report.x_adv, pixels[0:1], settings.eps, settings.norm)
+        _save(out, q[0])
+        e = metric.embed_pixels
+        with torch.no_grad():
+            e_left, e_right = e(pixels[1:2].to(metric.device)), e(pixels[2:3].to(metric.device))
+        objective = TwoAFCObjective(metric.encoder, e_left, e_right, report.label)
+        _, broken = evaluate(objective, q.to(metric.device))
+        with torch.no_grad():
+            saved_sim = twoafc_logits(e(q.to(metric.device)), e_left, e_right)
+        payload["saved"] = {"path": str(out), "in_ball": bool(in_ball[0]), "still_broken": bool(broken[0]),
+                            "sim_left": float(saved_sim[0, 0]), "sim_right": float(saved_sim[0, 1])}
+    output.result(payload, lambda c: _render_2afc(c, payload))
+
+
+def _render_2afc(console, p: dict) -> None:
+    t = p["threat"]
+    console.print(f"label: {p['label']} ({p['label_source']})")
+    for key in ("clean", "adversarial"):
+        r = p[key]
+        console.print(f"{key:<12} sim(ref, left) = {r['sim_left']:.4f}   sim(ref, right) = {r['sim_right']:.4f}"
+                      f"   -> {r['decision']}")
+    if not p["clean_correct"]:
+        verdict = "already wrong before the attack"
+    elif p["flipped"]:
+        verdict = "decision FLIPPED by the attack"
+    else:
+        verdict = "decision held (robust at this radius)"
+    console.print(f"{verdict}; ||delta||_{'inf' if t['norm'] == 'linf' else '2'} = {p['perturbation_norm']:.5f}"
+                  f" (budget {t['norm']} {t['eps_text']}, APGD {t['iters']} iters x {t['restarts']} restart(s))")
+    if p.get("found_by_square"):
+        console.print("warning: Square Attack broke this point where APGD did not (possible gradient masking).")
+    if "saved" in p:
+        s = p["saved"]
+        effect = "the decision is still lost" if s["still_broken"] else "the model decides correctly again"
+        console.print(f"saved {s['path']}: 8-bit, {'inside' if s['in_ball'] else 'OUTSIDE'} the ball; "
+                      f"on the saved pixels {effect}")
+
+
+@app.command("embed")
+@handle_errors
+def attack_embed_command(
+    image: Annotated[Path, typer.Argument(help="Image to perturb.", show_default=False)],
+    untargeted: Annotated[bool, typer.Option("--untargeted", help="Push the embedding away from itself (Eq. 6).")]
+    = False,
+    target: Annotated[Optional[List[Path]], typer.Option("--target", help="Target image or directory "
+                                                         "(repeatable): pull the embedding towards them (Eq. 5).")]
+    = None,
+    out: OutOpt = None,
+    norm: NormOpt = "linf", eps: EpsOpt = None, iters: ItersOpt = 100, restarts: RestartsOpt = 1,
+    random_start: RandomStartOpt = True,
+    model: ModelOpt = DEFAULT_MODEL, checkpoint: CheckpointOpt = None, device: DeviceOpt = "auto",
+    dtype: AttackDtypeOpt = "fp32", batch_size: BatchSizeOpt = 32, seed: SeedOpt = 0,
+    json: JsonOpt = False, quiet: QuietOpt = False,
+) -> None:
+    """Move an image's embedding: away from itself (--untargeted) or towards targets (--target)."""
+    import torch
+
+    from ..attacks import attack_embedding
+    from ..attacks.tasks import save_ready
+    from ..errors import BadInputError
+    from ..images import list_images
+
+    if untargeted == bool(target):
+        raise BadInputError("choose exactly one of --untargeted or --target IMAGE (at least one target).")
+    targets = [p for t in (target or []) for p in (list_images(t) if t.is_dir() else [t])]
+    settings = attack_settings(norm, eps, iters, restarts, random_start, seed, dtype)
+    common = Common(model, checkpoint, device, "fp32", batch_size, None, seed, json, quiet)
+    output = Output(json, quiet)
+    metric = _prepare(common, output, [image, *targets], out)
+    x = metric.pixels([str(image)])
+    t_pixels = metric.pixels([str(p) for p in targets]) if targets else None
+    with output.progress(settings.iters * settings.restarts, "APGD") as advance:
+        report = attack_embedding(metric, x, t_pixels, settings, progress=advance)
+    payload = {**common.describe(metric), "threat": _threat(settings),
+               "mode": "untargeted" if untargeted else "targeted", "distance_to": report.reference,
+               "clean_distance": float(report.clean_distance[0]), "adv_distance": float(report.adv_distance[0]),
+               "perturbation_norm": float(report.perturbation_norm[0]),
+               "targets": [str(p) for p in targets]}
+    if report.distances_per_target is not None:
+        payload["adv_distance_per_target"] = report.distances_per_target[0].tolist()
+    if out is not None:
+        q, in_ball = save_ready(report.x_adv, x, settings.eps, settings.norm)
+        _save(out, q[0])
+        with torch.no_grad():
+            e_saved = metric.embed_pixels(q.to(metric.device))
+            ref = metric.embed_pixels(x.to(metric.device)) if untargeted else metric.embed_pixels(
+                t_pixels.to(metric.device))
+            saved_d = float((1 - e_saved @ ref.T).mean())
+        payload["saved"] = {"path": str(out), "in_ball": bool(in_ball[0]), "distance": saved_d}
+    output.result(payload, lambda c: _render_embed(c, payload))
+
+
+def _render_embed(console, p: dict) -> None:
+    t = p["threat"]
+    what = "its clean self" if p["mode"] == "untargeted" else f"{len(p['targets'])} target(s) (mean)"
+    console.print(f"distance to {what}: clean {p['clean_distance']:.4f} -> adversarial {p['adv_distance']:.4f}")
+    console.print(f"||delta||_{'inf' if t['norm'] == 'linf' else '2'} = {p['perturbation_norm']:.5f} "
+                  f"(budget {t['norm']} {t['eps_text']}, APGD {t['iters']} iters x {t['restarts']} restart(s))")
+    if "saved" in p:
+        s = p["saved"]
+        console.print(f"saved {s['path']}: 8-bit, {'inside' if s['in_ball'] else 'OUTSIDE'} the ball, "
+                      f"distance after rounding {s['distance']:.4f}")

@@ -1,0 +1,105 @@
+"""`percept attack` and `percept distance --robust` through Typer's test runner."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from percept_cli.cli.app import app
+
+runner = CliRunner()
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture
+def model_args(tiny_vit):
+    return ["--model", str(tiny_vit[0]), "--device", "cpu", "--iters", "5"]
+
+
+def test_2afc_json_and_saved_png(model_args, image_dir, tmp_path):
+    out = tmp_path / "adv.png"
+    result = run("attack", "2afc", "--ref", image_dir / "a.png", "--left", image_dir / "b.png",
+                 "--right", image_dir / "c.png", "--eps", "8/255", "--out", out, "--json", *model_args)
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["label_source"] == "model's clean decision" and doc["clean_correct"] is True
+    assert doc["threat"]["eps_text"] == "8/255" and doc["threat"]["iters"] == 5
+    assert doc["perturbation_norm"] <= 8 / 255 + 1e-6
+    assert doc["flipped"] == (doc["clean"]["decision"] != doc["adversarial"]["decision"])
+    saved = np.asarray(Image.open(out))
+    assert saved.shape == (224, 224, 3) and saved.dtype == np.uint8
+    assert doc["saved"]["in_ball"] is True and isinstance(doc["saved"]["still_broken"], bool)
+
+
+def test_2afc_given_label_and_human_output(model_args, image_dir):
+    result = run("attack", "2afc", "--ref", image_dir / "a.png", "--left", image_dir / "b.png",
+                 "--right", image_dir / "c.png", "--label", "right", "--norm", "l2", "--eps", "0.5", *model_args)
+    assert result.exit_code == 0, result.output
+    assert "label: right (given)" in result.stdout and "sim(ref, left)" in result.stdout
+
+
+def test_embed_untargeted_and_targeted(model_args, image_dir):
+    u = json.loads(run("attack", "embed", image_dir / "a.png", "--untargeted", "--json", *model_args).stdout)
+    assert u["mode"] == "untargeted" and u["adv_distance"] > u["clean_distance"]
+    t = run("attack", "embed", image_dir / "a.png", "--target", image_dir / "b.png", "--target", image_dir / "c.png",
+            "--json", *model_args)
+    doc = json.loads(t.stdout)
+    assert doc["mode"] == "targeted" and len(doc["adv_distance_per_target"]) == 2
+    assert doc["adv_distance"] < doc["clean_distance"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--eps", "0"], "positive"),
+    (["--eps", "four"], "malformed eps"),
+    (["--norm", "l1"], "unknown norm"),
+    (["--dtype", "int8"], "unknown dtype"),
+])
+def test_bad_attack_options_exit_2(model_args, image_dir, tmp_path, extra, message):
+    out = tmp_path / "adv.png"
+    result = run("attack", "embed", image_dir / "a.png", "--untargeted", "--out", out, *extra, *model_args)
+    assert result.exit_code == 2 and message in result.stderr
+    assert not out.exists() and "Traceback" not in result.output
+
+
+def test_embed_needs_exactly_one_mode(model_args, image_dir):
+    neither = run("attack", "embed", image_dir / "a.png", *model_args)
+    both = run("attack", "embed", image_dir / "a.png", "--untargeted", "--target", image_dir / "b.png", *model_args)
+    assert neither.exit_code == both.exit_code == 2 and "at least one target" in neither.stderr
+
+
+def test_unreadable_image_and_bad_out(model_args, image_dir, tmp_path):
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    bad = run("attack", "2afc", "--ref", tmp_path / "broken.png", "--left", image_dir / "b.png",
+              "--right", image_dir / "c.png", *model_args)
+    assert bad.exit_code == 2 and "broken.png" in bad.stderr
+    wrong_out = run("attack", "embed", image_dir / "a.png", "--untargeted", "--out", tmp_path / "adv.jpg", *model_args)
+    assert wrong_out.exit_code == 2 and "unsupported format" in wrong_out.stderr
+    self_out = run("attack", "embed", image_dir / "a.png", "--untargeted", "--out", image_dir / "a.png", *model_args)
+    assert self_out.exit_code == 2 and "refusing to overwrite" in self_out.stderr
+
+
+def test_distance_robust_interval(model_args, image_dir):
+    result = run("distance", image_dir / "a.png", image_dir / "b.png", "--robust", "2/255", "--json", *model_args)
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    rec = doc["results"][0]
+    assert rec["low"] <= rec["distance"] <= rec["high"] and rec["low"] < rec["high"]
+    assert doc["robust"]["eps_text"] == "2/255" and "not a certificate" in doc["robust"]["note"]
+    human = run("distance", image_dir / "a.png", image_dir / "b.png", "--robust", "2/255", *model_args)
+    assert "under linf 2/255" in human.stdout and human.stdout.startswith("d = ")
+
+
+def test_distance_robust_rank_and_matrix_refused(model_args, image_dir):
+    ranked = run("distance", image_dir / "a.png", image_dir / "b.png", image_dir / "c.png", "--robust", "0.5",
+                 "--norm", "l2", "--json", *model_args)
+    assert ranked.exit_code == 0, ranked.output
+    assert all(r["low"] <= r["distance"] <= r["high"] for r in json.loads(ranked.stdout)["results"])
+    matrix = run("distance", image_dir, "--robust", "4/255", *model_args)
+    assert matrix.exit_code == 2 and "not available for a distance matrix" in matrix.stderr
