@@ -147,7 +147,8 @@ def _checkpoint(s: _State, height: int) -> None:
 
 def apgd(objective, x: torch.Tensor, eps: float, norm: str = "linf", n_iter: int = 100, *, restarts: int = 1,
          random_start: bool = True, seed: int = 0, early_stop: bool = False, autocast_dtype=None,
-         progress: Optional[Callable[[int], None]] = None) -> AttackResult:
+         progress: Optional[Callable[[int], None]] = None,
+         example_ids: Optional[torch.Tensor] = None) -> AttackResult:
     """APGD with restarts on a batch ``x`` (B,...) in [0,1].
 
     Args:
@@ -160,9 +161,10 @@ def apgd(objective, x: torch.Tensor, eps: float, norm: str = "linf", n_iter: int
         early_stop: examples leave the batch once broken (evaluation, where only the decision counts).
         autocast_dtype: e.g. torch.bfloat16 to run forward/backward under autocast.
         progress: called with 1 after each iteration.
+        example_ids: per-example ids seeding each random start (batch-independent results).
     """
     def run(obj, x_sub, index, start, generator):
         return apgd_run(obj, x_sub, index, start, eps, norm, n_iter, early_stop=early_stop,
                         autocast_dtype=autocast_dtype, progress=progress)
 
-    return with_restarts(run, objective, x, eps, norm, restarts, random_start, seed)
+    return with_restarts(run, objective, x, eps, norm, restarts, random_start, seed, example_ids)

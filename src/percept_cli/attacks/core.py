@@ -59,12 +59,15 @@ def evaluate(objective, x: torch.Tensor, index: torch.Tensor | None = None, auto
 
 
 def with_restarts(run: Callable[..., AttackResult], objective, x: torch.Tensor, eps: float, norm: str,
-                  restarts: int, random_start: bool, seed: int) -> AttackResult:
+                  restarts: int, random_start: bool, seed: int,
+                  example_ids: Optional[torch.Tensor] = None) -> AttackResult:
     """Run ``run`` ``restarts`` times; later runs attack only points not yet broken.
 
     The first run starts at ``x`` (or a random point if ``random_start``); later runs always
     start at a random point. Per example, a success beats no success and a higher loss beats a
     lower one, so a restart can never make the result worse for the attacker.
+    ``example_ids`` (global ids, one per example) seed each example's random start on its own,
+    so results do not depend on how examples are batched (resume, several processes).
     """
     generator = torch.Generator(device=x.device).manual_seed(int(seed))
     best: AttackResult | None = None
@@ -79,7 +82,10 @@ def with_restarts(run: Callable[..., AttackResult], objective, x: torch.Tensor, 
         if index.numel() == 0:
             break
         x_sub = x[index]
-        start = _random_start(x_sub, eps, norm, generator) if (random_start or r > 0) else x_sub.clone()
+        seeds = None
+        if example_ids is not None:
+            seeds = (int(seed) * 1_000_003 + example_ids[index].cpu().long() * 7919 + r) % (2**62)
+        start = _random_start(x_sub, eps, norm, generator, seeds) if (random_start or r > 0) else x_sub.clone()
         result = run(objective, x_sub, index, start, generator)
         evaluations += result.evaluations
         best = result if best is None else _merge(best, result, index)

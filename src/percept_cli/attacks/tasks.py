@@ -93,17 +93,34 @@ def attack_2afc(metric, ref: torch.Tensor, left: torch.Tensor, right: torch.Tens
         ref, left, right: (B,3,S,S) pixels in [0,1].
         label: (B,) 0/1 = which candidate is correct; None attacks the model's own clean decision.
     """
+    return attack_2afc_embedded(metric, ref, _embed_fixed(metric, left), _embed_fixed(metric, right), label,
+                                settings, early_stop=early_stop, progress=progress)
+
+
+def attack_2afc_embedded(metric, ref: torch.Tensor, e_left: torch.Tensor, e_right: torch.Tensor,
+                         label: Optional[torch.Tensor] = None, settings: AttackSettings = AttackSettings(), *,
+                         early_stop: bool = True, progress: Optional[Callable[[int], None]] = None,
+                         example_ids: Optional[torch.Tensor] = None,
+                         e_ref: Optional[torch.Tensor] = None) -> TwoAFCReport:
+    """:func:`attack_2afc` with the candidates' normalised embeddings already computed (evaluation).
+
+    ``example_ids`` seed each triplet's random start on its own, so a triplet's outcome does not
+    depend on the batch it is attacked in. ``e_ref``: the clean reference embeddings, if known.
+    """
     device = metric.device
-    ref = ref.to(device)
-    e_left, e_right = _embed_fixed(metric, left), _embed_fixed(metric, right)
-    clean_sim = twoafc_logits(_embed_fixed(metric, ref), e_left, e_right)
+    ref, e_left, e_right = ref.to(device), e_left.to(device), e_right.to(device)
+    e_ref = _embed_fixed(metric, ref) if e_ref is None else e_ref.to(device)
+    clean_sim = twoafc_logits(e_ref, e_left, e_right)
     label = _decision(clean_sim) if label is None else label.to(device).long()
     objective = TwoAFCObjective(metric.encoder, e_left, e_right, label, settings.loss)
     result = apgd(objective, ref, settings.eps, settings.norm, settings.iters, restarts=settings.restarts,
                   random_start=settings.random_start, seed=settings.seed, early_stop=early_stop,
-                  autocast_dtype=settings.autocast_dtype, progress=progress)
+                  autocast_dtype=settings.autocast_dtype, progress=progress, example_ids=example_ids)
     x_adv, evaluations = result.x_adv, result.evaluations
-    _, broken = evaluate(objective, x_adv)  # the fp32 verdict
+    everyone = torch.arange(len(ref), device=device)
+    with torch.no_grad():  # the fp32 verdict, and the similarities it rests on, from one forward pass
+        e_adv = objective.embed(x_adv)
+    _, broken = objective.score(e_adv, everyone)
     found_by_square = None
     if settings.square_queries > 0:
         margin_objective = TwoAFCObjective(metric.encoder, e_left, e_right, label, "margin")
@@ -118,8 +135,10 @@ def attack_2afc(metric, ref: torch.Tensor, left: torch.Tensor, right: torch.Tens
             x_adv[hits] = sq.x_adv[sq_broken]
             found_by_square[hits] = True
             broken = broken | found_by_square
-    with torch.no_grad():
-        adv_sim = twoafc_logits(metric.embed_pixels(x_adv), e_left, e_right)
+            if hits.numel():
+                with torch.no_grad():
+                    e_adv[hits] = objective.embed(x_adv[hits])
+    adv_sim = twoafc_logits(e_adv, e_left, e_right)
     clean_correct = twoafc_margin(clean_sim, label) < 0
     return TwoAFCReport(label, clean_sim, adv_sim, clean_correct, ~broken & clean_correct, x_adv,
                         lp_norm(x_adv - ref, settings.norm), found_by_square, evaluations)

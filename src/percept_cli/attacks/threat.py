@@ -62,8 +62,8 @@ def parse_eps(text: str | float) -> float:
 def format_eps(eps: float, norm: str) -> str:
     """``4/255`` for l_inf radii on the 8-bit grid, else a plain number."""
     scaled = eps * 255
-    if norm == "linf" and abs(scaled - round(scaled)) < 1e-6:
-        return f"{int(round(scaled))}/255"
+    if norm == "linf" and abs(scaled - round(scaled, 3)) < 1e-6:
+        return f"{round(scaled, 3):g}/255"
     return f"{eps:g}"
 
 
@@ -100,12 +100,25 @@ def ascent_direction(grad: torch.Tensor, norm: str) -> torch.Tensor:
     return grad / _view(lp_norm(grad, "l2") + _TINY, grad)
 
 
-def random_start(x: torch.Tensor, eps: float, norm: str, generator: torch.Generator | None) -> torch.Tensor:
-    """A random point of the ball ∩ box: uniform in the l_inf cube, or on the l2 sphere."""
+def _noise(x: torch.Tensor, kind: str, generator, seeds) -> torch.Tensor:
+    draw = torch.rand if kind == "uniform" else torch.randn
+    if seeds is None:
+        return draw(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    rows = [draw(x.shape[1:], generator=torch.Generator(device=x.device).manual_seed(int(s)), device=x.device,
+                 dtype=x.dtype) for s in seeds.tolist()]
+    return torch.stack(rows) if rows else torch.empty_like(x)
+
+
+def random_start(x: torch.Tensor, eps: float, norm: str, generator: torch.Generator | None,
+                 seeds: torch.Tensor | None = None) -> torch.Tensor:
+    """A random point of the ball ∩ box: uniform in the l_inf cube, or on the l2 sphere.
+
+    ``seeds`` (one per example) makes each example's start independent of the batch it is in.
+    """
     if norm == "linf":
-        noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) * 2 - 1
+        noise = _noise(x, "uniform", generator, seeds) * 2 - 1
         return project(x + eps * noise, x, eps, norm)
-    noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    noise = _noise(x, "normal", generator, seeds)
     noise = noise / _view(lp_norm(noise, "l2") + _TINY, noise)
     return project(x + eps * noise, x, eps, norm)
 

@@ -72,10 +72,13 @@ class Output:
             yield
 
     @contextlib.contextmanager
-    def progress(self, total: int, description: str) -> Iterator[Callable[[int], None]]:
-        """A rich progress bar on stderr; yields ``advance(n)``. A no-op when not interactive."""
+    def progress(self, total: int, description: str) -> Iterator[Callable[..., None]]:
+        """A rich progress bar on stderr; yields ``advance(n, text=None)`` (text replaces the label).
+
+        A no-op when not interactive.
+        """
         if not self.interactive or total <= 0:
-            yield lambda n: None
+            yield lambda n, text=None: None
             return
         from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                                    TimeElapsedColumn, TimeRemainingColumn)
@@ -84,4 +87,8 @@ class Output:
                    TimeElapsedColumn(), TimeRemainingColumn())
         with Progress(*columns, console=self.err, transient=True) as bar:
             task = bar.add_task(description, total=total)
-            yield lambda n: bar.advance(task, n)
+
+            def advance(n: int, text: str | None = None) -> None:
+                bar.update(task, advance=n, **({"description": text} if text else {}))
+
+            yield advance

@@ -1,0 +1,266 @@
+"""``percept eval-2afc``: agreement with human 2AFC judgements, clean and under attack."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated, List, Optional
+
+import typer
+
+from ..zoo import DEFAULT_MODEL
+from .errors import handle_errors
+from .options import (BatchSizeOpt, CheckpointOpt, DEFAULT_EPS, DeviceOpt, EpsOpt, ItersOpt, JsonOpt, QuietOpt,
+                      RandomStartOpt, RestartsOpt, SeedOpt, WorkersOpt, attack_settings)
+from .output import Output
+
+HELP = """Score metrics against human 2AFC judgements (NIGHTS, BAPPS, THINGS, custom), clean and under attack.
+
+\b
+  percept eval-2afc --dataset nights --root NIGHTS_DIR --split test
+  percept eval-2afc --dataset nights --root NIGHTS_DIR --attack linf --n 500 --out results.json
+  percept eval-2afc --dataset bapps --root BAPPS_DIR --attack l2 --eps 3 --n 1000
+  percept eval-2afc --dataset nights --root D --attack linf --sweep-eps 0,1,2,4,8/255 --plot curve.png
+  torchrun --nproc_per_node=4 -m percept_cli eval-2afc ...   (data-parallel, same numbers)
+"""
+
+
+def parse_sweep(text: str, norm: str) -> list[float]:
+    """Radii from ``0,1,2,4,8/255`` (a trailing /D applies to every value without one) or ``0.5,1,3``.
+
+    Zero is dropped (it is the clean accuracy); the rest must be positive and are sorted.
+    """
+    from ..attacks import parse_eps
+    from ..errors import BadInputError
+
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts:
+        raise BadInputError("--sweep-eps is empty.")
+    suffix = "/" + parts[-1].split("/", 1)[1] if "/" in parts[-1] else ""
+    radii = []
+    for part in parts:
+        value = part if "/" in part or not suffix else part + suffix
+        if value.split("/")[0].strip() in {"0", "0.0"}:
+            continue
+        radii.append(parse_eps(value))
+    return sorted(set(radii))
+
+
+@handle_errors
+def eval_2afc(
+    dataset: Annotated[str, typer.Option("--dataset", help="nights | bapps | things | custom.", show_default=False)],
+    root: Annotated[Path, typer.Option("--root", help="Dataset folder (custom: the CSV file).", show_default=False)],
+    split: Annotated[Optional[str], typer.Option("--split", help="NIGHTS: train|val|test|test_imagenet|"
+                                                 "test_no_imagenet (default test); BAPPS: train|val (default val).")]
+    = None,
+    subset: Annotated[Optional[List[str]], typer.Option("--subset", help="BAPPS subset(s) (repeatable; default all).")]
+    = None,
+    triplets: Annotated[Optional[Path], typer.Option("--triplets", help="THINGS triplet file "
+                                                     "(default ROOT/triplets.txt).")] = None,
+    n: Annotated[Optional[int], typer.Option("--n", min=1, help="Seeded random subset: N triplets (per subset for "
+                                             "BAPPS), the same for every model.")] = None,
+    attack: Annotated[Optional[List[str]], typer.Option("--attack", help="linf | l2 (APGD on the reference); add "
+                                                        "--attack square for the gradient-free sanity check.")] = None,
+    eps: EpsOpt = None,
+    sweep_eps: Annotated[Optional[str], typer.Option("--sweep-eps", help="Radii for the accuracy-vs-radius curve, "
+                                                     "e.g. 0,1,2,4,8/255.")] = None,
+    iters: ItersOpt = 100, restarts: RestartsOpt = 1, random_start: RandomStartOpt = True,
+    loss: Annotated[str, typer.Option("--loss", help="ce | margin.")] = "ce",
+    square_queries: Annotated[int, typer.Option("--square-queries", min=1, help="Queries for --attack square.")] = 1000,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Results JSON (per-triplet outcomes; flushed "
+                                                "at least every minute).")] = None,
+    resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue an interrupted run from its results "
+                                                   "file.")] = None,
+    save_adv: Annotated[Optional[Path], typer.Option("--save-adv", help="Write adversarial references as PNG here.")]
+    = None,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="Accuracy-vs-radius plot (.png; needs matplotlib).")]
+    = None,
+    flush_every: Annotated[float, typer.Option("--flush-every", min=0.0, hidden=True)] = 60.0,
+    model: Annotated[Optional[List[str]], typer.Option("--model", "-m", help="Model(s) to compare (repeatable).",
+                                                       envvar="PERCEPT_MODEL", rich_help_panel="Model")] = None,
+    models_file: Annotated[Optional[Path], typer.Option("--models-file", help="File with one model per line.",
+                                                        rich_help_panel="Model")] = None,
+    checkpoint: CheckpointOpt = None, device: DeviceOpt = "auto",
+    dtype: Annotated[str, typer.Option("--dtype", help="fp32 | bf16 | fp16: encoder precision for clean "
+                                       "evaluation; with --attack the attack's autocast precision (weights fp32, "
+                                       "verdicts checked in fp32).", rich_help_panel="Model")] = "fp32",
+    batch_size: BatchSizeOpt = 32, workers: WorkersOpt = None, seed: SeedOpt = 0,
+    json: JsonOpt = False, quiet: QuietOpt = False,
+) -> None:
+    from .. import distributed, eval_results
+    from ..datasets import load_dataset, subsample
+    from ..errors import BadInputError
+    from ..evaluation import EvalPlan
+
+    models = list(model or [])
+    if models_file is not None:
+        if not models_file.is_file():
+            raise BadInputError(f"--models-file {models_file} not found.")
+        models += [ln.strip() for ln in models_file.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    models = models or [DEFAULT_MODEL]
+    kinds = [a.strip().lower() for a in (attack or [])]
+    unknown = [a for a in kinds if a not in {"linf", "l2", "square"}]
+    if unknown or len({k for k in kinds if k != "square"}) > 1:
+        raise BadInputError(f"--attack takes linf or l2 (one of them), plus optionally square; got {', '.join(kinds)}.")
+    norm = next((k for k in kinds if k != "square"), "linf")
+    settings, radii = None, []
+    if kinds or sweep_eps:
+        settings = attack_settings(norm, eps, iters, restarts, random_start, seed, dtype, loss,
+                                   square_queries if "square" in kinds else 0)
+        radii = parse_sweep(sweep_eps, norm) if sweep_eps else [settings.eps]
+        dtype = "fp32"
+    if plot is not None:
+        _check_plot(plot)
+    out = out or resume
+    index = subsample(load_dataset(dataset, root, split, subset or (), triplets), n, seed)
+    if index.task != "2afc" and radii:
+        raise BadInputError("THINGS odd-one-out is evaluated clean only; drop --attack/--sweep-eps.")
+    config = {"dataset": {"name": index.name, "root": str(Path(index.root).resolve()), "split": index.split,
+                          "subsets": index.groups, "n": n, "n_triplets": len(index.items), "task": index.task},
+              "attack": None if settings is None else {
+                  "norm": settings.norm, "iters": settings.iters, "restarts": settings.restarts, "loss": settings.loss,
+                  "random_start": settings.random_start, "square_queries": settings.square_queries,
+                  "autocast": None if settings.autocast_dtype is None else str(settings.autocast_dtype)[6:]},
+              "radii": radii, "seed": seed}
+    record = eval_results.load_for_resume(resume, config) if resume else eval_results.new_record(config)
+
+    dist = distributed.init(device)
+    output = Output(json, quiet or not dist.is_main)
+    if out is None and radii and dist.is_main:
+        output.warn("no --out: results are not saved and an interrupted run cannot be resumed.")
+    plan = EvalPlan(radii, settings, batch_size, save_adv, flush_every)
+    try:
+        for name in models:
+            _run_model(name, index, plan, record, out, dist, output,
+                       dict(checkpoint=checkpoint, device=distributed.device_for(dist, device), dtype=dtype,
+                            batch_size=batch_size, workers=workers, seed=seed))
+        record["status"] = "complete"
+        if dist.is_main and out is not None:
+            eval_results.save(out, record)
+            eval_results.clear_partials(out)
+    finally:
+        distributed.shutdown(dist)
+    if not dist.is_main:
+        return
+    if plot is not None:
+        _plot(plot, record, settings.norm if settings else "linf")
+    summary = {k: v for k, v in record.items() if k != "models"}
+    summary["models"] = {k: {kk: vv for kk, vv in m.items() if kk != "triplets"} for k, m in record["models"].items()}
+    summary["out"] = str(out) if out else None
+    output.result(summary, lambda console: _render(console, record, index, settings))
+
+
+def _run_model(name, index, plan, record, out, dist, output, load_kwargs) -> None:
+    import torch
+
+    from .. import eval_results
+    from ..evaluation import evaluate_model, summarize
+    from ..metric import load_metric
+
+    entry = record["models"].get(name)
+    if entry is not None and entry.get("status") == "complete":
+        output.info(f"{name}: complete in the resumed file, skipped.")
+        return
+    records = {t["id"]: t for t in (entry or {}).get("triplets", [])}
+    torch.manual_seed(load_kwargs["seed"])
+    with output.status(f"Loading {name} ..."):
+        metric = load_metric(name, device=load_kwargs["device"], dtype=load_kwargs["dtype"],
+                             checkpoint=load_kwargs["checkpoint"], batch_size=load_kwargs["batch_size"],
+                             num_workers=load_kwargs["workers"])
+    started = time.monotonic()
+    flush = None
+    if out is not None:
+        flush = lambda recs: eval_results.save_partial(out, dist.rank, name, recs)  # noqa: E731
+    total = len(index.distinct_images()) + (len(index.items) if plan.radii else 0)
+    with output.progress(total, f"{name}") as advance:
+        def progress(k, phase, records=None):
+            text = None
+            if phase == "attack" and records:
+                done = [r for r in records.values() if r.get("robust_correct") is not None]
+                if done:
+                    acc = sum(r["robust_correct"][-1] for r in done) / len(done)
+                    clean = sum(r["clean_score"] for r in records.values()) / len(records)
+                    text = f"{name}  clean {clean:.1%}  robust {acc:.1%}"
+            advance(k, text)
+
+        merged = evaluate_model(metric, index, plan, records, dist, progress=progress, flush=flush)
+    order = {item.id: k for k, item in enumerate(index.items)}
+    record["models"][name] = {
+        "status": "complete", "model": metric.source.as_dict(), "device": str(metric.device),
+        "dtype": metric.dtype_name, "image_size": metric.image_size, "world_size": dist.world,
+        "wall_time_s": round(time.monotonic() - started, 3) + (entry or {}).get("wall_time_s", 0.0),
+        "summary": summarize(index, merged, plan.radii),
+        "triplets": sorted(merged.values(), key=lambda r: order[r["id"]]),
+    }
+    if dist.is_main and out is not None:
+        eval_results.save(out, record)
+
+
+def _check_plot(path: Path) -> None:
+    from ..errors import BadInputError
+
+    if path.suffix.lower() not in {".png", ".pdf", ".svg"}:
+        raise BadInputError(f"--plot {path}: use .png, .pdf or .svg.")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise BadInputError("--plot needs matplotlib: pip install 'percept[plot]'.") from None
+
+
+def _plot(path: Path, record: dict, norm: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..outputs import atomic_path
+
+    scale = 255 if norm == "linf" else 1
+    fig, ax = plt.subplots(figsize=(5.5, 4), dpi=150)
+    for name, entry in record["models"].items():
+        overall = entry["summary"]["overall"]
+        xs = [0.0] + [r * scale for r in record["radii"]]
+        ys = [overall.get("clean_binary", overall["clean"])] + overall.get("robust", [])
+        ax.plot(xs[:len(ys)], [100 * y for y in ys], marker="o", label=name)
+    ax.set_xlabel("eps (x/255, l_inf)" if norm == "linf" else "eps (l2)")
+    ax.set_ylabel("2AFC accuracy (%)")
+    ax.set_title(f"{record['dataset']['name']} {record['dataset']['split'] or ''}: accuracy under APGD ({norm})")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=path.suffix.lstrip(".").lower())
+    plt.close(fig)
+
+
+def _render(console, record: dict, index, settings) -> None:
+    from rich.table import Table
+
+    from ..attacks import format_eps
+
+    radii = record["radii"]
+    console.print(f"2AFC agreement with people (%): {index.name} {index.split or ''} "
+                  f"({record['dataset']['n_triplets']} triplets)")
+    table = Table(header_style="bold")
+    table.add_column("model", no_wrap=True)
+    groups = index.groups if len(index.groups) > 1 else []
+    for g in groups:
+        table.add_column(g, justify="right")
+    table.add_column("clean" if not groups else "mean", justify="right")
+    for r in radii:
+        table.add_column(f"{settings.norm} {format_eps(r, settings.norm)}", justify="right")
+    for name, entry in record["models"].items():
+        s = entry["summary"]
+        row = [name] + [f"{100 * s['groups'][g]['clean']:.1f}" for g in groups] + [f"{100 * s['overall']['clean']:.1f}"]
+        row += [f"{100 * v:.1f}" for v in s["overall"].get("robust", [])]
+        table.add_row(*row)
+    console.print(table)
+    if radii:
+        console.print("clean: 2AFC score (ties 0.5, soft labels as LPIPS/DreamSim); robust: share of triplets whose "
+                      "majority answer the model still gives after APGD (wrong-when-clean counts as broken).",
+                      style="dim")
+    if settings is not None and settings.square_queries > 0:
+        found = sum(any(t.get("square_found") or []) for e in record["models"].values() for t in e["triplets"])
+        console.print(f"Square Attack found {found} triplet(s) APGD missed"
+                      + (" - possible gradient masking." if found else "."))

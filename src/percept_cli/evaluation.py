@@ -1,0 +1,216 @@
+"""2AFC and odd-one-out evaluation of one model: clean agreement with people, and under attack.
+
+Per model, work happens in fixed global batches so that a resumed run and a run spread over
+several processes compute every batch exactly as an uninterrupted single-process run does:
+
+1. every distinct image is embedded once (DataLoader workers decode), in batches of the global
+   first-use order;
+2. clean scores per triplet: ``(d0<d1)(1-p) + (d1<d0)p + 0.5(d0==d1)`` with p the fraction of
+   people who chose the right candidate (ties count 0.5, as LPIPS/DreamSim score it);
+3. under attack, triplets the model gets right (majority label p > 0.5) are attacked in batches of
+   the list of such triplets, APGD on the reference with both candidates' embeddings fixed, early
+   stopping on; radii ascending, each radius attacking the survivors of the previous one (a point
+   broken inside a smaller ball is broken inside every larger one).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from .attacks import AttackSettings
+from .attacks.tasks import attack_2afc_embedded, save_ready
+from .datasets import DatasetIndex, OddOneOut
+from .distributed import Dist, gather
+
+Progress = Callable[..., None]
+
+
+@dataclass
+class EvalPlan:
+    """What to measure: ``radii`` ascending (empty = clean only) with ``attack`` as base settings."""
+
+    radii: list[float]
+    attack: Optional[AttackSettings]
+    batch_size: int = 32
+    save_adv: Optional[Path] = None
+    flush_every: float = 60.0
+
+
+def score_2afc(d_left: float, d_right: float, p_right: float) -> float:
+    """LPIPS/DreamSim 2AFC score: agreement with the fraction of people; a tie scores 0.5."""
+    return float(d_left < d_right) * (1 - p_right) + float(d_right < d_left) * p_right + 0.5 * float(d_left == d_right)
+
+
+def score_odd_one_out(s01: float, s02: float, s12: float) -> float:
+    """1 if the pair people kept (0,1) is the most similar; a tie for the maximum shares the point."""
+    best = max(s01, s02, s12)
+    return (1.0 / [s01, s02, s12].count(best)) if s01 == best else 0.0
+
+
+def embed_distinct(metric, paths: list[str], needed: set[str], batch_size: int, dist: Dist,
+                   progress: Optional[Progress] = None) -> dict[str, torch.Tensor]:
+    """Embeddings (CPU) of the global batches that contain a needed image, shared by all ranks."""
+    batches = [paths[i:i + batch_size] for i in range(0, len(paths), batch_size)]
+    mine = [b for k, b in enumerate(batches) if dist.owns(k) and needed.intersection(b)]
+    flat = [p for b in mine for p in b]
+    local: dict[str, torch.Tensor] = {}
+    if flat:
+        result = metric.embed_files(flat, batch_size=batch_size, progress=progress)
+        emb = result.embeddings.cpu()
+        local = {flat[i]: emb[row] for row, i in enumerate(result.indices)}
+    merged: dict[str, torch.Tensor] = {}
+    for part in gather(dist, local):
+        merged.update(part)
+    return merged
+
+
+def _needed(index: DatasetIndex, records: dict, attacking: bool) -> set[str]:
+    need: set[str] = set()
+    for item in index.items:
+        rec = records.get(item.id)
+        if rec is None or (attacking and rec.get("clean_correct") and rec.get("robust_correct") is None):
+            need.update(item.images if isinstance(item, OddOneOut) else (item.ref, item.left, item.right))
+    return need
+
+
+def evaluate_model(metric, index: DatasetIndex, plan: EvalPlan, records: dict, dist: Dist, *,
+                   progress: Optional[Progress] = None, flush: Optional[Callable[[dict], None]] = None) -> dict:
+    """Fill ``records`` (triplet id -> outcome) for every item of ``index``; returns the merged records."""
+    attacking = bool(plan.radii) and index.task == "2afc"
+    needed = _needed(index, records, attacking)
+    embeddings = embed_distinct(metric, index.distinct_images(), needed, plan.batch_size, dist,
+                                progress=(lambda n: progress(n, phase="embed")) if progress else None)
+    for item in index.items:
+        if item.id not in records:
+            records[item.id] = _clean_record(item, embeddings, len(plan.radii) if attacking else 0)
+    if attacking:
+        _attack_all(metric, index, plan, records, embeddings, dist, progress, flush)
+    merged: dict = {}
+    for part in gather(dist, records):
+        for key, rec in part.items():
+            if key not in merged or (merged[key].get("robust_correct") is None and rec.get("robust_correct") is not None):
+                merged[key] = rec
+    return merged
+
+
+def _clean_record(item, emb: dict, n_radii: int) -> dict:
+    if isinstance(item, OddOneOut):
+        a, b, c = (emb[p] for p in item.images)
+        s01, s02, s12 = float(a @ b), float(a @ c), float(b @ c)
+        return {"id": item.id, "group": item.group, "similarities": [s01, s02, s12],
+                "clean_score": score_odd_one_out(s01, s02, s12)}
+    ref, left, right = emb[item.ref], emb[item.left], emb[item.right]
+    d_left, d_right = 1.0 - float(ref @ left), 1.0 - float(ref @ right)
+    label = item.label
+    margin = (d_left - d_right) if label == 1 else (d_right - d_left)  # > 0: the majority answer wins
+    rec = {"id": item.id, "group": item.group, "p_right": item.p_right, "label": label, "d_left": d_left,
+           "d_right": d_right, "clean_score": score_2afc(d_left, d_right, item.p_right),
+           "clean_correct": margin > 0, "clean_margin": margin, "robust_correct": None, "margin": None}
+    if n_radii and not rec["clean_correct"]:  # already wrong: broken at every radius, nothing to attack
+        rec.update(robust_correct=[False] * n_radii, margin=[margin] * n_radii)
+    return rec
+
+
+def _attack_all(metric, index, plan, records, embeddings, dist, progress, flush) -> None:
+    position = {item.id: k for k, item in enumerate(index.items)}
+    targets = [item for item in index.items if records[item.id]["clean_correct"]]
+    batches = [targets[i:i + plan.batch_size] for i in range(0, len(targets), plan.batch_size)]
+    last_flush = time.monotonic()
+    for k, batch in enumerate(batches):
+        if not dist.owns(k) or all(records[t.id]["robust_correct"] is not None for t in batch):
+            continue
+        _attack_batch(metric, batch, plan, records, embeddings, position)
+        if progress:
+            progress(len(batch), phase="attack", records=records)
+        if flush and time.monotonic() - last_flush >= plan.flush_every:
+            flush(records)
+            last_flush = time.monotonic()
+
+
+def _attack_batch(metric, batch, plan, records, embeddings, position) -> None:
+    ref = metric.pixels([t.ref for t in batch])
+    e_ref = torch.stack([embeddings[t.ref] for t in batch])
+    e_left = torch.stack([embeddings[t.left] for t in batch])
+    e_right = torch.stack([embeddings[t.right] for t in batch])
+    label = torch.tensor([t.label for t in batch])
+    ids = torch.tensor([position[t.id] for t in batch])
+    n = len(plan.radii)
+    robust = [[True] * n for _ in batch]
+    margins = [[records[t.id]["clean_margin"]] * n for t in batch]
+    square_found = [[False] * n for _ in batch]
+    alive = torch.arange(len(batch))
+    for r, eps in enumerate(plan.radii):
+        if alive.numel() == 0:
+            break
+        report = attack_2afc_embedded(metric, ref[alive], e_left[alive], e_right[alive], label[alive],
+                                      replace(plan.attack, eps=eps), early_stop=True, example_ids=ids[alive],
+                                      e_ref=e_ref[alive])
+        held = report.robust_correct.cpu()
+        margin = report.margin.cpu()
+        for j, row in enumerate(alive.tolist()):
+            if not bool(held[j]):
+                for later in range(r, n):
+                    robust[row][later] = False
+                    margins[row][later] = float(margin[j])
+                if report.found_by_square is not None and bool(report.found_by_square[j]):
+                    square_found[row][r] = True
+            else:
+                margins[row][r] = float(margin[j])
+        if plan.save_adv is not None:
+            _save_adversarial(plan.save_adv, [batch[i] for i in alive.tolist()], report.x_adv, ref[alive], eps,
+                              plan.attack.norm)
+        alive = alive[held]
+    for t, rob, mar, sq in zip(batch, robust, margins, square_found):
+        records[t.id].update(robust_correct=rob, margin=mar,
+                             square_found=sq if plan.attack.square_queries > 0 else None)
+
+
+def _save_adversarial(folder: Path, items, x_adv, x, eps, norm) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from .attacks import format_eps
+    from .outputs import atomic_path
+
+    q, _ = save_ready(x_adv, x, eps, norm)
+    target = folder / format_eps(eps, norm).replace("/", "_")
+    target.mkdir(parents=True, exist_ok=True)
+    arr = (q.cpu() * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    for item, pixels in zip(items, arr):
+        with atomic_path(target / (item.id.replace("/", "__") + ".png")) as tmp:
+            Image.fromarray(np.ascontiguousarray(pixels)).save(tmp, format="PNG")
+
+
+def summarize(index: DatasetIndex, records: dict, radii: list[float]) -> dict:
+    """Per group and overall: clean score, binary clean accuracy, robust accuracy per radius.
+
+    Overall is the mean over subsets for BAPPS (as published), the mean over triplets otherwise.
+    """
+    by_group: dict[str, list[dict]] = {g: [] for g in index.groups}
+    for item in index.items:
+        by_group[item.group].append(records[item.id])
+    groups = {g: _stats(recs, radii) for g, recs in by_group.items() if recs}
+    if index.name == "bapps":
+        keys = [k for k in ("clean", "clean_binary") if all(s.get(k) is not None for s in groups.values())]
+        overall = {k: sum(s[k] for s in groups.values()) / len(groups) for k in keys}
+        overall["n"] = sum(s["n"] for s in groups.values())
+        if radii:
+            overall["robust"] = [sum(s["robust"][r] for s in groups.values()) / len(groups) for r in range(len(radii))]
+    else:
+        overall = _stats([records[item.id] for item in index.items], radii)
+    return {"overall": overall, "groups": groups}
+
+
+def _stats(recs: list[dict], radii: list[float]) -> dict:
+    n = len(recs)
+    out = {"n": n, "clean": sum(r["clean_score"] for r in recs) / n}
+    if "clean_correct" in recs[0]:
+        out["clean_binary"] = sum(bool(r["clean_correct"]) for r in recs) / n
+    if radii and recs[0].get("robust_correct") is not None:
+        out["robust"] = [sum(bool(r["robust_correct"][k]) for r in recs) / n for k in range(len(radii))]
+    return out

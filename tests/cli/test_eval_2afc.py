@@ -1,0 +1,168 @@
+"""`percept eval-2afc` end to end: record schema, resume, torchrun, bad input, plot, square."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import synthetic_datasets as sd
+from typer.testing import CliRunner
+
+from percept_cli.cli.app import app
+
+runner = CliRunner()
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture
+def nights(tmp_path, tiny_vit):
+    from test_evaluation import relabel_like_model
+
+    from percept_cli import load_metric
+
+    root = sd.make_nights(tmp_path / "nights", n=40)
+    relabel_like_model(root, load_metric(str(tiny_vit[0]), device="cpu"), flip_every=5)
+    return root
+
+
+@pytest.fixture
+def model_args(tiny_vit):
+    return ["--model", str(tiny_vit[0]), "--device", "cpu", "--batch-size", "4"]
+
+
+ATTACK = ["--attack", "l2", "--sweep-eps", "0.05,0.3", "--iters", "8"]
+
+
+def _comparable(doc):
+    models = {}
+    for name, entry in doc["models"].items():
+        models[name] = {k: v for k, v in entry.items() if k not in ("wall_time_s", "world_size")}
+    return models
+
+
+def test_record_schema(nights, model_args, tmp_path):
+    out = tmp_path / "r.json"
+    result = run("eval-2afc", "--dataset", "nights", "--root", nights, "--split", "test", *ATTACK, "--out", out,
+                 *model_args)
+    assert result.exit_code == 0, result.output
+    doc = json.loads(out.read_text())
+    assert doc["schema"] == "percept.eval-2afc/1" and doc["status"] == "complete"
+    assert set(doc["versions"]) >= {"percept", "torch", "open_clip"}
+    assert doc["dataset"]["name"] == "nights" and doc["dataset"]["split"] == "test" and doc["seed"] == 0
+    assert doc["attack"]["norm"] == "l2" and doc["attack"]["iters"] == 8 and doc["radii"] == [0.05, 0.3]
+    entry = doc["models"][str(model_args[1])]
+    assert entry["model"]["kind"] == "local-dir" and entry["device"] == "cpu" and entry["dtype"] == "fp32"
+    assert entry["wall_time_s"] > 0 and len(entry["triplets"]) == doc["dataset"]["n_triplets"] == 20
+    t = entry["triplets"][0]
+    assert {"id", "group", "p_right", "d_left", "d_right", "clean_score", "clean_correct", "robust_correct",
+            "margin"} <= set(t)
+    robust = entry["summary"]["overall"]["robust"]
+    assert len(robust) == 2 and robust[0] >= robust[1]
+    assert entry["summary"]["overall"]["clean_binary"] == pytest.approx(0.8)
+    assert not list(tmp_path.glob("r.json.rank*"))  # partial flushes removed after completion
+    assert "2AFC agreement" in result.stdout and "l2 0.05" in result.stdout
+
+
+def test_resume_equals_uninterrupted_run(nights, model_args, tmp_path, monkeypatch):
+    from percept_cli import evaluation
+
+    full = tmp_path / "full.json"
+    assert run("eval-2afc", "--dataset", "nights", "--root", nights, *ATTACK, "--out", full, *model_args).exit_code == 0
+
+    calls = {"n": 0}
+    real = evaluation._attack_batch
+
+    def crash_on_third(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "_attack_batch", crash_on_third)
+    part = tmp_path / "part.json"
+    interrupted = run("eval-2afc", "--dataset", "nights", "--root", nights, *ATTACK, "--out", part,
+                      "--flush-every", "0", *model_args)
+    assert interrupted.exit_code == 130
+    assert list(tmp_path.glob("part.json.rank0.partial.json"))  # two finished batches were flushed
+
+    calls["n"] = -100  # no more crashes; count the batches the resumed run recomputes
+    resumed = run("eval-2afc", "--dataset", "nights", "--root", nights, *ATTACK, "--resume", part, *model_args)
+    assert resumed.exit_code == 0, resumed.output
+    batches_total = -(-sum(1 for t in json.loads(full.read_text())["models"][str(model_args[1])]["triplets"]
+                          if t["clean_correct"]) // 4)
+    assert calls["n"] + 100 == batches_total - 2  # finished batches were not recomputed
+    assert _comparable(json.loads(part.read_text())) == _comparable(json.loads(full.read_text()))
+
+
+def test_resume_with_other_settings_refused(nights, model_args, tmp_path):
+    out = tmp_path / "r.json"
+    assert run("eval-2afc", "--dataset", "nights", "--root", nights, "--out", out, *model_args).exit_code == 0
+    other = run("eval-2afc", "--dataset", "nights", "--root", nights, *ATTACK, "--resume", out, *model_args)
+    assert other.exit_code == 2 and "different attack" in other.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_gloo_run_equals_single_process(nights, model_args, tmp_path):
+    single, double = tmp_path / "single.json", tmp_path / "double.json"
+    assert run("eval-2afc", "--dataset", "nights", "--root", nights, *ATTACK, "--out", single,
+               *model_args).exit_code == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+           "-m", "percept_cli", "eval-2afc", "--dataset", "nights", "--root", str(nights), *ATTACK,
+           "--out", str(double), "--quiet", *[str(a) for a in model_args]]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    a, b = json.loads(single.read_text()), json.loads(double.read_text())
+    assert b["models"][str(model_args[1])]["world_size"] == 2
+    assert _comparable(a) == _comparable(b)
+
+
+@pytest.mark.parametrize("make, args, message", [
+    (lambda p: p, ["--dataset", "nights"], "not a NIGHTS root"),
+    (lambda p: sd.make_nights(p / "n", n=4), ["--dataset", "nights", "--split", "dev"], "unknown NIGHTS split"),
+    (lambda p: (sd.make_nights(p / "n", n=4) / "ref" / "000" / "002.png").unlink() or p / "n",
+     ["--dataset", "nights"], "image not found"),
+    (lambda p: ((sd.make_nights(p / "n", n=4) / "data.csv").write_text("id,votes\n1,6\n"), p / "n")[1],
+     ["--dataset", "nights"], "missing column"),
+    (lambda p: sd.make_bapps(p / "b", subsets=("cnn",), n=2), ["--dataset", "bapps", "--subset", "deblur"],
+     "no subset"),
+])
+def test_bad_datasets_exit_2_before_model_work(empty_offline_hub, tmp_path, make, args, message):
+    root = make(tmp_path)
+    # the default model is not cached: reaching model loading would exit 3, not 2
+    result = run("eval-2afc", "--root", root, *args, "--device", "cpu")
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr and "Traceback" not in result.output
+
+
+def test_plot_save_adv_square_and_two_models(nights, model_args, tmp_path, tiny_vit):
+    plot, adv = tmp_path / "curve.png", tmp_path / "adv"
+    result = run("eval-2afc", "--dataset", "nights", "--root", nights, "--attack", "linf", "--attack", "square",
+                 "--sweep-eps", "0,0.1,0.5/255", "--iters", "5", "--square-queries", "20", "--n", "6",
+                 "--plot", plot, "--save-adv", adv, *model_args, "--model", str(tiny_vit[0]))
+    assert result.exit_code == 0, result.output
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list(adv.rglob("*.png"))
+    assert "Square Attack found" in result.stdout and "0.1/255" in result.stdout
+
+
+def test_things_refuses_attack_and_json_summary(tmp_path, model_args):
+    root = sd.make_things(tmp_path / "t")
+    refused = run("eval-2afc", "--dataset", "things", "--root", root, "--attack", "linf", *model_args)
+    assert refused.exit_code == 2 and "clean only" in refused.stderr
+    clean = run("eval-2afc", "--dataset", "things", "--root", root, "--json", *model_args)
+    doc = json.loads(clean.stdout)
+    entry = doc["models"][str(model_args[1])]
+    assert "triplets" not in entry and entry["summary"]["overall"]["n"] == 3

@@ -1,0 +1,78 @@
+"""Small synthetic datasets in the real on-disk layouts (NIGHTS, BAPPS, THINGS, custom)."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+from conftest import make_picture
+
+NIGHTS_HEADER = ["id", "left_vote", "right_vote", "votes", "ref_path", "left_path", "right_path", "split",
+                 "is_imagenet", "prompt"]
+
+
+def make_nights(root: Path, rows: list[dict] | None = None, n: int = 12, size=(48, 48)) -> Path:
+    """NIGHTS: ref/XXX/YYY.png, distort/XXX/YYY_{0,1}.png and data.csv (extra column 'prompt')."""
+    root.mkdir(parents=True, exist_ok=True)
+    if rows is None:
+        splits = ["train", "val", "test", "test"]
+        rows = [{"id": i, "right_vote": i % 2, "votes": 6 + (i % 3), "split": splits[i % 4],
+                 "is_imagenet": i % 3 == 0} for i in range(n)]
+    with open(root / "data.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=NIGHTS_HEADER)
+        writer.writeheader()
+        for row in rows:
+            i = int(row["id"])
+            folder = f"{i // 10:03d}"
+            ref, left, right = (f"ref/{folder}/{i:03d}.png", f"distort/{folder}/{i:03d}_0.png",
+                                f"distort/{folder}/{i:03d}_1.png")
+            for k, rel in enumerate((ref, left, right)):
+                (root / rel).parent.mkdir(parents=True, exist_ok=True)
+                make_picture(1000 + 3 * i + k, size).save(root / rel)
+            right_vote = row.get("right_vote", 1)
+            writer.writerow({"id": i, "left_vote": 1 - right_vote, "right_vote": right_vote,
+                             "votes": row.get("votes", 6), "ref_path": ref, "left_path": left, "right_path": right,
+                             "split": row.get("split", "test"), "is_imagenet": row.get("is_imagenet", False),
+                             "prompt": "An image of a thing"})
+    return root
+
+
+def make_bapps(root: Path, subsets=("traditional", "cnn"), n: int = 4, split: str = "val") -> Path:
+    """BAPPS: 2afc/<split>/<subset>/{ref,p0,p1}/NNNNNN.png and judge/NNNNNN.npy (fraction choosing p1)."""
+    for s_i, subset in enumerate(subsets):
+        base = root / "2afc" / split / subset
+        for folder in ("ref", "p0", "p1", "judge"):
+            (base / folder).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            stem = f"{i:06d}"
+            for k, folder in enumerate(("ref", "p0", "p1")):
+                make_picture(5000 + 100 * s_i + 3 * i + k, (64, 64)).save(base / folder / f"{stem}.png")
+            np.save(base / "judge" / f"{stem}.npy", np.array([(i % 5) / 4], dtype=np.float32))
+    return root
+
+
+def make_things(root: Path, n_images: int = 6, triplets=((0, 1, 2), (3, 4, 5), (0, 3, 5))) -> Path:
+    """THINGS: images in concept folders plus triplets.txt of image names (third = odd one out)."""
+    for i in range(n_images):
+        folder = root / "images" / f"concept{i % 3}"
+        folder.mkdir(parents=True, exist_ok=True)
+        make_picture(7000 + i, (40, 40)).save(folder / f"img{i:02d}.jpg")
+    (root / "triplets.txt").write_text("\n".join(" ".join(f"img{j:02d}.jpg" for j in t) for t in triplets) + "\n")
+    return root
+
+
+def make_custom(root: Path, labels=("left", "right", "0", "1", "0.25")) -> Path:
+    """custom: triplets.csv with ref,left,right,label (paths relative to the CSV)."""
+    (root / "imgs").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, label in enumerate(labels):
+        names = [f"imgs/{i}_{k}.png" for k in ("r", "a", "b")]
+        for k, name in enumerate(names):
+            make_picture(9000 + 3 * i + k, (32, 32)).save(root / name)
+        rows.append({"ref": names[0], "left": names[1], "right": names[2], "label": label})
+    with open(root / "triplets.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["label", "right", "ref", "left"])  # any column order
+        writer.writeheader()
+        writer.writerows(rows)
+    return root / "triplets.csv"
