@@ -83,3 +83,22 @@ class PixelEncoder(nn.Module):
         """(B,3,S,S) pixels in [0,1] -> (B,D) float32 embeddings (not L2-normalised)."""
         x = self.normalize(pixels).to(self.compute_dtype)
         return self.head(self.backbone(x)).to(torch.float32)
+
+
+class TextEncoder(nn.Module):
+    """A CLIP text tower with its tokenizer: prompts in, L2-normalised float32 embeddings out.
+
+    Args:
+        clip_model: the OpenCLIP model (its ``encode_text`` is used).
+        tokenizer: the model's tokenizer (``open_clip.get_tokenizer``).
+    """
+
+    def __init__(self, clip_model: nn.Module, tokenizer):
+        super().__init__()
+        self.model = clip_model
+        self.tokenizer = tokenizer
+
+    def forward(self, texts: Sequence[str]) -> torch.Tensor:
+        device = next(self.model.parameters()).device
+        tokens = self.tokenizer(list(texts)).to(device)
+        return F.normalize(self.model.encode_text(tokens).float(), dim=-1)

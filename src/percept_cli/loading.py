@@ -15,12 +15,13 @@ import logging
 import pickle
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 from torch import nn
 
 from . import hub
-from .encoder import PixelEncoder
+from .encoder import PixelEncoder, TextEncoder
 from .errors import ModelFormatError, ModelUnavailableError
 from .naming import ModelRef
 
@@ -110,10 +111,13 @@ def _build_open_clip(root: Path | None, arch: str | None) -> tuple[nn.Module, di
     return model, open_clip.get_model_preprocess_cfg(model)
 
 
-def _load_open_clip(files: hub.ModelFiles) -> tuple[nn.Module, tuple, tuple, int]:
+def _load_open_clip(files: hub.ModelFiles, keep: Optional[dict] = None) -> tuple[nn.Module, tuple, tuple, int]:
     import open_clip
 
     model, pp = _build_open_clip(files.root if files.config_path else None, files.arch)
+    if keep is not None:  # the caller wants the text tower too
+        keep["model"] = model
+        keep["tokenizer"] = f"local-dir:{files.root}" if files.config_path else files.arch
     try:
         with _quiet_logging():
             open_clip.load_checkpoint(model, str(files.weights_path), strict=True, weights_only=True)
@@ -137,7 +141,7 @@ def _load_open_clip_checkpoint(arch: str, checkpoint: Path) -> tuple[nn.Module, 
     return model.visual, tuple(pp["mean"]), tuple(pp["std"]), _square_size(pp["size"], arch)
 
 
-def _load_timm(files: hub.ModelFiles) -> tuple[nn.Module, tuple, tuple, int]:
+def _load_timm(files: hub.ModelFiles, keep: Optional[dict] = None) -> tuple[nn.Module, tuple, tuple, int]:
     import timm
 
     cfg = files.read_config()
@@ -180,7 +184,18 @@ def load_encoder(ref: ModelRef, device: torch.device | str = "cpu",
         ModelUnavailableError: Hub model neither cached nor reachable.
         ModelFormatError: files that are not a model percept can read.
     """
+    encoder, source, _ = load_encoder_and_text(ref, device, dtype, with_text=False)
+    return encoder, source
+
+
+def load_encoder_and_text(ref: ModelRef, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                          with_text: bool = True) -> tuple[PixelEncoder, ModelSource, Optional[TextEncoder]]:
+    """:func:`load_encoder`, plus the CLIP text tower (None for vision-only models or when not asked).
+
+    A visual-encoder checkpoint (``--checkpoint``) has no trained text tower: None as well.
+    """
     zoo = ref.spec.name if ref.spec else None
+    keep: Optional[dict] = {} if with_text else None
     if ref.kind == "checkpoint":
         backbone, mean, std, size = _load_open_clip_checkpoint(ref.identifier, ref.checkpoint)
         source = ModelSource(ref.name, "checkpoint", ref.identifier, hub.OPEN_CLIP,
@@ -188,7 +203,7 @@ def load_encoder(ref: ModelRef, device: torch.device | str = "cpu",
     else:
         files = resolve_files(ref)
         loader = _load_open_clip if files.family == hub.OPEN_CLIP else _load_timm
-        backbone, mean, std, size = loader(files)
+        backbone, mean, std, size = loader(files, keep)
         source = ModelSource(ref.name, ref.kind, files.repo_id or str(files.root), files.family,
                              revision=files.revision, weights=str(files.weights_path), zoo=zoo)
     if ref.spec is not None and ref.spec.image_size:
@@ -197,7 +212,14 @@ def load_encoder(ref: ModelRef, device: torch.device | str = "cpu",
     encoder.eval().requires_grad_(False)
     encoder.to(device)
     encoder.set_compute_dtype(dtype)
-    return encoder, source
+    text = None
+    if keep and "model" in keep:
+        import open_clip
+
+        with _quiet_logging():
+            tokenizer = open_clip.get_tokenizer(keep["tokenizer"])
+        text = TextEncoder(keep["model"], tokenizer).eval().requires_grad_(False).to(device)
+    return encoder, source, text
 
 
 def describe_model(name: str, checkpoint: str | Path | None = None) -> dict:

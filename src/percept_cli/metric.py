@@ -22,7 +22,7 @@ from .devices import DTYPE_NAMES, resolve_device, resolve_dtype
 from .encoder import PixelEncoder
 from .errors import BadInputError, ImageReadError
 from .images import read_image
-from .loading import ModelSource, load_encoder
+from .loading import ModelSource, load_encoder_and_text
 from .naming import parse_model_name
 from .preprocess import Preprocess
 from .zoo import DEFAULT_MODEL
@@ -61,9 +61,10 @@ class PerceptualMetric:
     """
 
     def __init__(self, encoder: PixelEncoder, source: ModelSource, *, batch_size: int = 32,
-                 num_workers: int | None = None):
+                 num_workers: int | None = None, text_encoder=None):
         self.encoder = encoder
         self.source = source
+        self.text_encoder = text_encoder
         self.batch_size = int(batch_size)
         self.num_workers = num_workers
         self.preprocess = Preprocess(encoder.image_size)
@@ -163,6 +164,22 @@ class PerceptualMetric:
         emb = torch.cat(rows) if rows else torch.empty(0, 0, device=self.device)
         return EmbedResult(emb, indices, failures)
 
+    @torch.no_grad()
+    def embed_text(self, texts: Sequence[str]) -> torch.Tensor:
+        """(N, D) normalised CLIP text embeddings (load with ``with_text=True``).
+
+        Raises:
+            BadInputError: the model has no text tower, or a prompt is empty.
+        """
+        if self.text_encoder is None:
+            raise BadInputError(f"model '{self.source.name}' has no text tower (vision-only model, a visual-encoder "
+                                "checkpoint, or loaded without with_text=True); text needs a CLIP model.")
+        if isinstance(texts, str):
+            texts = [texts]
+        if not texts or any(not t.strip() for t in texts):
+            raise BadInputError("empty text prompt.")
+        return self.text_encoder(list(texts))
+
     def similarity(self, a: Images, b: Images) -> torch.Tensor:
         """Cosine similarity of paired inputs: (N,) for N pairs; one side may be a single image."""
         ea, eb = self.embed(a), self.embed(b)
@@ -198,7 +215,7 @@ def _rgb(img: Image.Image) -> Image.Image:
 
 def load_metric(model: str = DEFAULT_MODEL, *, device: str | torch.device = "auto",
                 dtype: str | torch.dtype = "fp32", checkpoint: str | Path | None = None,
-                batch_size: int = 32, num_workers: int | None = None) -> PerceptualMetric:
+                batch_size: int = 32, num_workers: int | None = None, with_text: bool = False) -> PerceptualMetric:
     """Load a perceptual metric by zoo name, ``hf-hub:`` id, local directory, or arch + checkpoint.
 
     Args:
@@ -208,6 +225,7 @@ def load_metric(model: str = DEFAULT_MODEL, *, device: str | torch.device = "aut
         checkpoint: visual-encoder weights for an architecture name.
         batch_size: default batch size for embedding.
         num_workers: DataLoader workers for files (None: automatic).
+        with_text: also keep the CLIP text tower (``embed_text``; text inversion).
 
     Raises:
         UnknownModelError, BadInputError, ModelUnavailableError, ModelFormatError.
@@ -216,5 +234,5 @@ def load_metric(model: str = DEFAULT_MODEL, *, device: str | torch.device = "aut
     """
     ref = parse_model_name(model, checkpoint)
     torch_device = resolve_device(device)
-    encoder, source = load_encoder(ref, torch_device, resolve_dtype(dtype))
-    return PerceptualMetric(encoder, source, batch_size=batch_size, num_workers=num_workers)
+    encoder, source, text = load_encoder_and_text(ref, torch_device, resolve_dtype(dtype), with_text=with_text)
+    return PerceptualMetric(encoder, source, batch_size=batch_size, num_workers=num_workers, text_encoder=text)

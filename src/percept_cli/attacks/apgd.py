@@ -44,12 +44,12 @@ def checkpoints(n_iter: int) -> list[int]:
 class _State:
     """Per-example optimiser state for the examples still being attacked (rows aligned)."""
 
-    def __init__(self, x, index, x_adv, loss, broken, grad, eps):
+    def __init__(self, x, index, x_adv, loss, broken, grad, eps, step):
         self.x, self.index = x, index
         self.x_adv, self.x_prev, self.grad = x_adv, x_adv.clone(), grad
         self.loss = loss
         self.x_best, self.loss_best, self.grad_best = x_adv.clone(), loss.clone(), grad.clone()
-        self.step = torch.full_like(loss, 2.0 * eps)
+        self.step = torch.full_like(loss, 2.0 * eps if step is None else step)
         self.count = torch.zeros_like(loss)
         self.loss_best_ckpt = loss.clone()
         self.reduced_ckpt = torch.zeros_like(loss, dtype=torch.bool)
@@ -68,14 +68,16 @@ def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 def apgd_run(objective, x: torch.Tensor, index: torch.Tensor, x_init: torch.Tensor, eps: float, norm: str,
              n_iter: int, *, early_stop: bool = False, autocast_dtype=None,
-             progress: Optional[Callable[[int], None]] = None) -> AttackResult:
+             progress: Optional[Callable[[int], None]] = None, step_size: Optional[float] = None,
+             monitor: Optional[Callable[[int, torch.Tensor, torch.Tensor], None]] = None) -> AttackResult:
     """One APGD run from ``x_init`` on the examples ``index`` (rows of ``x``).
 
     Returns per example the latest successful point if the objective has a success notion and
-    one was found, else the point of highest loss.
+    one was found, else the point of highest loss. ``step_size`` overrides the initial 2·eps;
+    ``monitor(k, x_best, loss_best)`` is called after iteration k (rows = examples still attacked).
     """
     loss, broken, grad = loss_and_grad(objective, x_init, index, autocast_dtype)
-    s = _State(x, torch.arange(x.shape[0], device=x.device), x_init.clone(), loss, broken, grad, eps)
+    s = _State(x, torch.arange(x.shape[0], device=x.device), x_init.clone(), loss, broken, grad, eps, step_size)
     out_x, out_loss = x_init.clone(), loss.clone()
     out_broken = broken.clone() if broken is not None else None
     evaluations = x.shape[0]
@@ -122,6 +124,8 @@ def apgd_run(objective, x: torch.Tensor, index: torch.Tensor, x_init: torch.Tens
                 last_mark = k + 1
         if progress is not None:
             progress(1)
+        if monitor is not None:
+            monitor(k + 1, s.x_best, s.loss_best)
         if early_stop and s.ever is not None and bool(s.ever.any()):
             flush(s.ever)
             s.keep(~s.ever)
@@ -148,7 +152,8 @@ def _checkpoint(s: _State, height: int) -> None:
 def apgd(objective, x: torch.Tensor, eps: float, norm: str = "linf", n_iter: int = 100, *, restarts: int = 1,
          random_start: bool = True, seed: int = 0, early_stop: bool = False, autocast_dtype=None,
          progress: Optional[Callable[[int], None]] = None,
-         example_ids: Optional[torch.Tensor] = None) -> AttackResult:
+         example_ids: Optional[torch.Tensor] = None, step_size: Optional[float] = None,
+         monitor: Optional[Callable[[int, torch.Tensor, torch.Tensor], None]] = None) -> AttackResult:
     """APGD with restarts on a batch ``x`` (B,...) in [0,1].
 
     Args:
@@ -162,9 +167,11 @@ def apgd(objective, x: torch.Tensor, eps: float, norm: str = "linf", n_iter: int
         autocast_dtype: e.g. torch.bfloat16 to run forward/backward under autocast.
         progress: called with 1 after each iteration.
         example_ids: per-example ids seeding each random start (batch-independent results).
+        step_size: initial step size instead of 2·eps (feature inversion uses its own).
+        monitor: ``monitor(k, x_best, loss_best)`` after each iteration (for watching an optimisation).
     """
     def run(obj, x_sub, index, start, generator):
         return apgd_run(obj, x_sub, index, start, eps, norm, n_iter, early_stop=early_stop,
-                        autocast_dtype=autocast_dtype, progress=progress)
+                        autocast_dtype=autocast_dtype, progress=progress, step_size=step_size, monitor=monitor)
 
     return with_restarts(run, objective, x, eps, norm, restarts, random_start, seed, example_ids)
