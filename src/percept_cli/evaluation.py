@@ -171,19 +171,14 @@ def _attack_batch(metric, batch, plan, records, embeddings, position) -> None:
 
 
 def _save_adversarial(folder: Path, items, x_adv, x, eps, norm) -> None:
-    import numpy as np
-    from PIL import Image
-
     from .attacks import format_eps
-    from .outputs import atomic_path
+    from .outputs import save_png
 
     q, _ = save_ready(x_adv, x, eps, norm)
     target = folder / format_eps(eps, norm).replace("/", "_")
     target.mkdir(parents=True, exist_ok=True)
-    arr = (q.cpu() * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    for item, pixels in zip(items, arr):
-        with atomic_path(target / (item.id.replace("/", "__") + ".png")) as tmp:
-            Image.fromarray(np.ascontiguousarray(pixels)).save(tmp, format="PNG")
+    for item, pixels in zip(items, q):
+        save_png(target / (item.id.replace("/", "__") + ".png"), pixels)
 
 
 def summarize(index: DatasetIndex, records: dict, radii: list[float]) -> dict:

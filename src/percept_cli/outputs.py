@@ -98,3 +98,18 @@ def write_table(path: str | Path, records: Sequence[dict]) -> Path:
                 writer.writeheader()
                 writer.writerows(records)
     return target
+
+
+def save_png(path: str | Path, pixels) -> Path:
+    """Write a (3,H,W) [0,1] tensor (or a PIL image) as an 8-bit RGB PNG, atomically."""
+    from PIL import Image
+
+    if not isinstance(pixels, Image.Image):
+        import torch
+
+        arr = (pixels.detach().cpu().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        pixels = Image.fromarray(np.ascontiguousarray(arr))
+    target = Path(path)
+    with atomic_path(target) as tmp:
+        pixels.save(tmp, format="PNG")
+    return target

@@ -32,18 +32,6 @@ def _prepare(common: Common, output: Output, images: list[Path], out: Optional[P
     return common.load_metric(output)
 
 
-def _save(out: Path, pixels) -> None:
-    import numpy as np
-    import torch
-    from PIL import Image
-
-    from ..outputs import atomic_path
-
-    arr = (pixels.detach().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
-    with atomic_path(out) as tmp:
-        Image.fromarray(np.ascontiguousarray(arr.permute(1, 2, 0).numpy())).save(tmp, format="PNG")
-
-
 def _threat(settings) -> dict:
     from ..attacks import format_eps
 
@@ -79,6 +67,7 @@ def attack_2afc_command(
     from ..attacks.core import evaluate
     from ..attacks.tasks import save_ready
     from ..errors import BadInputError
+    from ..outputs import save_png
 
     if label is not None and label.lower() not in {"left", "right", "0", "1"}:
         raise BadInputError(f"--label must be left or right; got '{label}'.")
@@ -107,7 +96,7 @@ def attack_2afc_command(
                "found_by_square": None if report.found_by_square is None else bool(report.found_by_square[0])}
     if out is not None:
         q, in_ball = save_ready(report.x_adv, pixels[0:1], settings.eps, settings.norm)
-        _save(out, q[0])
+        save_png(out, q[0])
         e = metric.embed_pixels
         with torch.no_grad():
             e_left, e_right = e(pixels[1:2].to(metric.device)), e(pixels[2:3].to(metric.device))
@@ -167,6 +156,7 @@ def attack_embed_command(
     from ..attacks.tasks import save_ready
     from ..errors import BadInputError
     from ..images import list_images
+    from ..outputs import save_png
 
     if untargeted == bool(target):
         raise BadInputError("choose exactly one of --untargeted or --target IMAGE (at least one target).")
@@ -188,7 +178,7 @@ def attack_embed_command(
         payload["adv_distance_per_target"] = report.distances_per_target[0].tolist()
     if out is not None:
         q, in_ball = save_ready(report.x_adv, x, settings.eps, settings.norm)
-        _save(out, q[0])
+        save_png(out, q[0])
         with torch.no_grad():
             e_saved = metric.embed_pixels(q.to(metric.device))
             ref = metric.embed_pixels(x.to(metric.device)) if untargeted else metric.embed_pixels(

@@ -68,6 +68,7 @@ def invert_command(
     from ..errors import BadInputError
     from ..inversion import InversionSettings, contact_sheet, invert, slug
     from ..metric import load_metric
+    from ..outputs import save_png
 
     if (image is None) == (text is None):
         raise BadInputError("give exactly one target: --image PATH or --text PROMPT.")
@@ -105,7 +106,7 @@ def invert_command(
             steps = out / "steps"
             steps.mkdir(exist_ok=True)
             for s, img in zip(seed_list, best):
-                written_steps.append(str(_save(steps / f"{name}_seed{s}_iter{k:04d}.png", img)))
+                written_steps.append(str(save_png(steps / f"{name}_seed{s}_iter{k:04d}.png", img)))
 
     with output.progress(settings.iters, "Inverting") as advance:
         state = {"k": 0}
@@ -126,7 +127,7 @@ def invert_command(
         with torch.no_grad():
             judge_sims = (judge_metric.embed_pixels(result.images.to(judge_metric.device)) * judge_target).sum(-1)
     for i, s in enumerate(seed_list):
-        path = _save(out / f"{name}_seed{s}.png", result.images[i])
+        path = save_png(out / f"{name}_seed{s}.png", result.images[i])
         outputs.append({"seed": s, "path": str(path), "similarity": float(result.similarity[i]),
                         "judge_similarity": None if judge_sims is None else float(judge_sims[i])})
     grid_path = None
@@ -134,7 +135,7 @@ def invert_command(
         labels = [f"seed {o['seed']}  cos {o['similarity']:.3f}" for o in outputs]
         sheet = contact_sheet(result.images, labels, target_pixels[0] if target_pixels is not None else None,
                               "target" if text is None else "", tile=result.images.shape[-1])
-        grid_path = _save_pil(out / f"{name}_grid.png", sheet)
+        grid_path = save_png(out / f"{name}_grid.png", sheet)
     payload = {"model": metric.source.as_dict(), "device": str(metric.device),
                "target": {"kind": "text" if text is not None else "image", "value": text or str(image)},
                "method": settings.method, "iters": settings.iters, "radius": settings.radius,
@@ -142,22 +143,6 @@ def invert_command(
                "judge": judge_metric.source.as_dict() if judge_metric else None,
                "outputs": outputs, "grid": str(grid_path) if grid_path else None, "intermediate": written_steps}
     output.result(payload, lambda console: _render(console, payload))
-
-
-def _save(path: Path, pixels) -> Path:
-    import torch
-    from PIL import Image
-
-    arr = (pixels.detach().cpu().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    return _save_pil(path, Image.fromarray(arr))
-
-
-def _save_pil(path: Path, img) -> Path:
-    from ..outputs import atomic_path
-
-    with atomic_path(path) as tmp:
-        img.save(tmp, format="PNG")
-    return path
 
 
 def _render(console, p: dict) -> None:
