@@ -62,10 +62,8 @@ def attack_2afc_command(
     """Flip a 2AFC decision: perturb REF so the other candidate looks closer."""
     import torch
 
-    from ..attacks import attack_2afc
-    from ..attacks.objectives import TwoAFCObjective, twoafc_logits
-    from ..attacks.core import evaluate
-    from ..attacks.tasks import save_ready
+    from ..attacks.objectives import twoafc_logits, twoafc_margin
+    from ..attacks.tasks import attack_2afc_embedded, save_ready
     from ..errors import BadInputError
     from ..outputs import save_png
 
@@ -79,9 +77,11 @@ def attack_2afc_command(
     metric = _prepare(common, output, [ref, left, right], out)
     pixels = metric.pixels([str(ref), str(left), str(right)])
     y = None if label is None else torch.tensor([0 if label.lower() in {"left", "0"} else 1])
+    with torch.no_grad():  # the candidates are embedded once, for the attack and the saved-file check
+        e_left, e_right = (metric.embed_pixels(p.to(metric.device)) for p in (pixels[1:2], pixels[2:3]))
     with output.progress(settings.iters * settings.restarts, "APGD") as advance:
-        report = attack_2afc(metric, pixels[0:1], pixels[1:2], pixels[2:3], y, settings, early_stop=False,
-                             progress=advance)
+        report = attack_2afc_embedded(metric, pixels[0:1], e_left, e_right, y, settings, early_stop=False,
+                                      progress=advance)
     names = ["left", "right"]
     payload = {**common.describe(metric), "threat": _threat(settings),
                "label": names[int(report.label[0])], "label_source": "given" if label else "model's clean decision",
@@ -97,13 +97,9 @@ def attack_2afc_command(
     if out is not None:
         q, in_ball = save_ready(report.x_adv, pixels[0:1], settings.eps, settings.norm)
         save_png(out, q[0])
-        e = metric.embed_pixels
-        with torch.no_grad():
-            e_left, e_right = e(pixels[1:2].to(metric.device)), e(pixels[2:3].to(metric.device))
-        objective = TwoAFCObjective(metric.encoder, e_left, e_right, report.label)
-        _, broken = evaluate(objective, q.to(metric.device))
-        with torch.no_grad():
-            saved_sim = twoafc_logits(e(q.to(metric.device)), e_left, e_right)
+        with torch.no_grad():  # one fp32 forward on the saved pixels gives both facts
+            saved_sim = twoafc_logits(metric.embed_pixels(q.to(metric.device)), e_left, e_right)
+        broken = twoafc_margin(saved_sim, report.label) >= 0
         payload["saved"] = {"path": str(out), "in_ball": bool(in_ball[0]), "still_broken": bool(broken[0]),
                             "sim_left": float(saved_sim[0, 0]), "sim_right": float(saved_sim[0, 1])}
     output.result(payload, lambda c: _render_2afc(c, payload))
