@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+from _common import random_metric
 
 
 def rss_mib() -> float:
@@ -35,12 +36,7 @@ def sync(device):
 
 
 def main() -> None:
-    import open_clip
-
-    from percept_cli.attacks import AttackSettings, TwoAFCObjective, apgd
-    from percept_cli.encoder import PixelEncoder
-    from percept_cli.loading import ModelSource
-    from percept_cli.metric import PerceptualMetric
+    from percept_cli.attacks import TwoAFCObjective, apgd
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--arch", default="convnext_base_w")
@@ -55,10 +51,8 @@ def main() -> None:
     device = torch.device(args.device)
     autocast = torch.bfloat16 if args.autocast == "bf16" else None
 
-    model = open_clip.create_model(args.arch, pretrained=None, load_weights=False).eval()
-    pp = open_clip.get_model_preprocess_cfg(model)
-    encoder = PixelEncoder(model.visual, pp["mean"], pp["std"], 224).eval().requires_grad_(False).to(device)
-    metric = PerceptualMetric(encoder, ModelSource(args.arch, "benchmark", args.arch, "open_clip"))
+    _, _, metric = random_metric(args.arch, device)
+    encoder = metric.encoder
     g = torch.Generator().manual_seed(0)
     ref, left, right = (torch.rand(args.batch, 3, 224, 224, generator=g).to(device) for _ in range(3))
     with torch.no_grad():

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _common import random_metric
 from PIL import Image
 
 
@@ -43,10 +44,6 @@ def sync(device: torch.device) -> None:
 def main() -> None:
     import open_clip
 
-    from percept_cli.encoder import PixelEncoder
-    from percept_cli.loading import ModelSource
-    from percept_cli.metric import PerceptualMetric
-
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--arch", default="convnext_base_w")
     parser.add_argument("--image-size", type=int, default=224)
@@ -61,11 +58,8 @@ def main() -> None:
     device = torch.device(args.device)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
 
-    model = open_clip.create_model(args.arch, pretrained=None, load_weights=False).eval().to(device, dtype)
-    pp = open_clip.get_model_preprocess_cfg(model)
-    encoder = PixelEncoder(model.visual, pp["mean"], pp["std"], args.image_size).eval().requires_grad_(False)
-    metric = PerceptualMetric(encoder, ModelSource(args.arch, "benchmark", args.arch, "open_clip"),
-                              batch_size=args.batch_size, num_workers=args.workers)
+    model, pp, metric = random_metric(args.arch, device, dtype=dtype, image_size=args.image_size,
+                                      batch_size=args.batch_size, num_workers=args.workers)
     transform = open_clip.image_transform(args.image_size, is_train=False, mean=pp["mean"], std=pp["std"])
 
     with tempfile.TemporaryDirectory() as tmp:

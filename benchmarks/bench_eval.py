@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _common import random_metric
 from PIL import Image
 
 
@@ -49,9 +50,6 @@ def main() -> None:
     from percept_cli.attacks import AttackSettings
     from percept_cli.datasets import load_dataset
     from percept_cli.distributed import Dist
-    from percept_cli.encoder import PixelEncoder
-    from percept_cli.loading import ModelSource
-    from percept_cli.metric import PerceptualMetric
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--arch", default="convnext_base_w")
@@ -63,11 +61,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     device = torch.device(args.device)
-    model = open_clip.create_model(args.arch, pretrained=None, load_weights=False).eval().to(device)
-    pp = open_clip.get_model_preprocess_cfg(model)
-    encoder = PixelEncoder(model.visual, pp["mean"], pp["std"], 224).eval().requires_grad_(False)
-    metric = PerceptualMetric(encoder, ModelSource(args.arch, "benchmark", args.arch, "open_clip"),
-                              batch_size=args.batch_size)
+    model, pp, metric = random_metric(args.arch, device, batch_size=args.batch_size)
     transform = open_clip.image_transform(224, is_train=False, mean=pp["mean"], std=pp["std"])
     bs = args.batch_size
 

@@ -15,16 +15,12 @@ import time
 from pathlib import Path
 
 import torch
+from _common import random_metric
 import torch.nn.functional as F
 
 
 def main() -> None:
-    import open_clip
-
-    from percept_cli.encoder import PixelEncoder
     from percept_cli.inversion import InversionSettings, invert
-    from percept_cli.loading import ModelSource
-    from percept_cli.metric import PerceptualMetric
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--arch", default="convnext_base_w")
@@ -33,10 +29,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     device = torch.device(args.device)
-    model = open_clip.create_model(args.arch, pretrained=None, load_weights=False).eval()
-    pp = open_clip.get_model_preprocess_cfg(model)
-    encoder = PixelEncoder(model.visual, pp["mean"], pp["std"], 224).eval().requires_grad_(False).to(device)
-    metric = PerceptualMetric(encoder, ModelSource(args.arch, "benchmark", args.arch, "open_clip"))
+    _, _, metric = random_metric(args.arch, device)
+    encoder = metric.encoder
     target = F.normalize(torch.randn(encoder(torch.rand(1, 3, 224, 224, device=device)).shape[-1]), dim=0)
 
     x = torch.rand(args.seeds, 3, 224, 224, device=device)
