@@ -13,8 +13,8 @@ def random_metric(arch: str, device: torch.device, *, dtype: torch.dtype = torch
     """(bare OpenCLIP model, its preprocess cfg, PerceptualMetric sharing the same visual tower)."""
     import open_clip
 
-    from percept_cli.encoder import PixelEncoder
-    from percept_cli.loading import ModelSource
+    from percept_cli.models.encoder import PixelEncoder
+    from percept_cli.models.loading import ModelSource
     from percept_cli.metric import PerceptualMetric
 
     logging.disable(logging.WARNING)  # "no pretrained weights loaded" is the point here

@@ -46,9 +46,9 @@ def make_nights(root: Path, n: int) -> None:
 def main() -> None:
     import open_clip
 
-    from percept_cli import evaluation
+    from percept_cli.evaluation import twoafc as evaluation
     from percept_cli.attacks import AttackSettings
-    from percept_cli.datasets import load_dataset
+    from percept_cli.evaluation.datasets import load_dataset
     from percept_cli.distributed import Dist
 
     parser = argparse.ArgumentParser(description=__doc__)

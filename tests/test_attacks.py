@@ -18,7 +18,7 @@ from percept_cli.attacks import (AttackSettings, TwoAFCObjective, UntargetedEmbe
                                  attack_embedding, lp_norm, pgd, square)
 from percept_cli.attacks.core import evaluate
 from percept_cli.attacks.threat import random_start
-from percept_cli.encoder import PixelEncoder
+from percept_cli.models.encoder import PixelEncoder
 from percept_cli.metric import PerceptualMetric
 
 TOL = 1e-6  # float32 rounding of x + delta in [0,1]

@@ -9,7 +9,7 @@ import pytest
 import synthetic_datasets as sd
 from conftest import make_picture
 
-from percept_cli.datasets import OddOneOut, load_dataset, subsample
+from percept_cli.evaluation.datasets import OddOneOut, load_dataset, subsample
 from percept_cli.errors import BadInputError
 
 

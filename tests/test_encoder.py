@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from percept_cli.encoder import MLPHead, PixelEncoder
+from percept_cli.models.encoder import MLPHead, PixelEncoder
 
 
 class _Flatten(nn.Module):

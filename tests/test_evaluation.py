@@ -10,9 +10,9 @@ import torch
 
 from percept_cli import load_metric
 from percept_cli.attacks import AttackSettings
-from percept_cli.datasets import load_dataset
+from percept_cli.evaluation.datasets import load_dataset
 from percept_cli.distributed import Dist
-from percept_cli.evaluation import EvalPlan, evaluate_model, score_2afc, score_odd_one_out, summarize
+from percept_cli.evaluation.twoafc import EvalPlan, evaluate_model, score_2afc, score_odd_one_out, summarize
 
 
 @pytest.fixture(scope="module")

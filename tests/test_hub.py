@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from percept_cli import hub
+from percept_cli.models import hub
 from percept_cli.errors import ModelUnavailableError
 
 

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from percept_cli.errors import BadInputError, ImageReadError
-from percept_cli.images import MIN_SIDE, check_image, list_images, read_image
+from percept_cli.io.images import MIN_SIDE, check_image, list_images, read_image
 
 
 def _pixel(img, xy):

@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 import tiny_models
 
-from percept_cli import zoo
+from percept_cli.models import zoo
 from percept_cli.errors import BadInputError, ModelFormatError, ModelUnavailableError
-from percept_cli.loading import describe_model, load_encoder, read_state_dict
-from percept_cli.naming import parse_model_name
+from percept_cli.models.loading import describe_model, load_encoder, read_state_dict
+from percept_cli.models.naming import parse_model_name
 
 
 def _direct_embedding(model, x):
@@ -178,7 +178,7 @@ def test_weights_only_repo_uses_builtin_arch(offline_hub, tmp_path):
 
     import open_clip
 
-    from percept_cli.naming import ModelRef
+    from percept_cli.models.naming import ModelRef
 
     config = tmp_path / "percept-tiny-builtin.json"
     config.write_text(json.dumps(tiny_models.VIT_CFG))

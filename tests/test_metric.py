@@ -10,7 +10,7 @@ from conftest import make_picture
 
 from percept_cli import load_metric
 from percept_cli.errors import BadInputError, ImageReadError
-from percept_cli.preprocess import Preprocess
+from percept_cli.io.preprocess import Preprocess
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,7 @@ def test_agrees_with_direct_encode_image(metric_and_model, image_dir):
     metric, model = metric_and_model
     paths = [image_dir / f"{n}.png" for n in "abc"]
     pre = Preprocess(224)
-    from percept_cli.images import read_image
+    from percept_cli.io.images import read_image
 
     pixels = torch.stack([pre(read_image(p)) for p in paths])
     expected = _direct_distance(model, pixels[:1].expand(3, -1, -1, -1), pixels)
@@ -50,7 +50,7 @@ def test_agrees_with_direct_encode_image(metric_and_model, image_dir):
 
 def test_paths_pil_and_tensors_agree(metric_and_model, image_dir):
     metric, _ = metric_and_model
-    from percept_cli.images import read_image
+    from percept_cli.io.images import read_image
 
     path = image_dir / "c.png"
     from_path = metric.embed(str(path))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from percept_cli.errors import BadInputError, UnknownModelError
-from percept_cli.naming import parse_model_name
+from percept_cli.models.naming import parse_model_name
 
 
 @pytest.mark.parametrize("name, kind, identifier, revision", [

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from percept_cli.errors import BadInputError
-from percept_cli.outputs import MATRIX_FORMATS, atomic_path, check_output_path, write_matrix, write_table
+from percept_cli.io.outputs import MATRIX_FORMATS, atomic_path, check_output_path, write_matrix, write_table
 
 
 @pytest.mark.parametrize("suffix", MATRIX_FORMATS)

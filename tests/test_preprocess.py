@@ -7,7 +7,7 @@ import torch
 from conftest import make_picture
 
 from percept_cli.errors import BadInputError
-from percept_cli.preprocess import Preprocess, as_pixel_batch
+from percept_cli.io.preprocess import Preprocess, as_pixel_batch
 
 
 @pytest.mark.parametrize("size", [(96, 64), (64, 96), (300, 300), (50, 500), (17, 23)])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from percept_cli import zoo
+from percept_cli.models import zoo
 
 
 def test_default_is_fare_convnext():

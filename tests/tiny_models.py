@@ -109,7 +109,7 @@ def build_zoo_cache(cache: Path, work: Path) -> dict[str, Path]:
     ConvNeXt entries get a ConvNeXt-atto OpenCLIP model, ViT entries a 1-layer
     ViT, DINO a tiny timm ViT. Returns {kind: source dir} of the stand-ins.
     """
-    from percept_cli.zoo import list_models
+    from percept_cli.models.zoo import list_models
 
     sources = {
         "convnext": work / "standin-convnext",

@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 
 __all__ = ["__version__", "load_metric", "PerceptualMetric", "list_models", "get_spec", "DEFAULT_MODEL"]
 
-from .zoo import DEFAULT_MODEL, get_spec, list_models
+from .models.zoo import DEFAULT_MODEL, get_spec, list_models
 
 _LAZY = {"load_metric": "metric", "PerceptualMetric": "metric"}
 

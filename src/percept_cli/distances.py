@@ -18,9 +18,9 @@ from typing import Callable, Sequence
 
 import torch
 
-from .data import Failure
+from .io.data import Failure
 from .errors import BadInputError, ImageReadError
-from .images import check_image, list_images
+from .io.images import check_image, list_images
 
 
 @dataclass

@@ -17,15 +17,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .data import Failure, iter_file_batches
+from .io.data import Failure, iter_file_batches
 from .devices import DTYPE_NAMES, resolve_device, resolve_dtype
-from .encoder import PixelEncoder
+from .models.encoder import PixelEncoder
 from .errors import BadInputError, ImageReadError
-from .images import read_image
-from .loading import ModelSource, load_encoder_and_text
-from .naming import parse_model_name
-from .preprocess import Preprocess
-from .zoo import DEFAULT_MODEL
+from .io.images import read_image
+from .models.loading import ModelSource, load_encoder_and_text
+from .models.naming import parse_model_name
+from .io.preprocess import Preprocess
+from .models.zoo import DEFAULT_MODEL
 
 ImageLike = Union[str, os.PathLike, Image.Image, torch.Tensor]
 Images = Union[ImageLike, Sequence[ImageLike]]
@@ -208,7 +208,7 @@ class PerceptualMetric:
 
 
 def _rgb(img: Image.Image) -> Image.Image:
-    from .images import to_rgb
+    from .io.images import to_rgb
 
     return to_rgb(img)
 

@@ -71,7 +71,7 @@ def test_record_schema(nights, model_args, tmp_path):
 
 
 def test_resume_equals_uninterrupted_run(nights, model_args, tmp_path, monkeypatch):
-    from percept_cli import evaluation
+    from percept_cli.evaluation import twoafc as evaluation
 
     full = tmp_path / "full.json"
     assert run("eval-2afc", "--dataset", "nights", "--root", nights, *ATTACK, "--out", full, *model_args).exit_code == 0

@@ -6,7 +6,7 @@ import json
 
 from typer.testing import CliRunner
 
-from percept_cli import zoo
+from percept_cli.models import zoo
 from percept_cli.cli.app import app
 
 runner = CliRunner()

@@ -7,7 +7,7 @@ from typing import Annotated, List, Optional
 
 import typer
 
-from ..zoo import DEFAULT_MODEL
+from ..models.zoo import DEFAULT_MODEL
 from .errors import handle_errors
 from .options import (AttackDtypeOpt, BatchSizeOpt, CheckpointOpt, Common, DeviceOpt, EpsOpt, ItersOpt, JsonOpt,
                       ModelOpt, NormOpt, QuietOpt, RandomStartOpt, RestartsOpt, SeedOpt, attack_settings)
@@ -22,7 +22,7 @@ OutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", help="Save the ad
 def _prepare(common: Common, output: Output, images: list[Path], out: Optional[Path]):
     """Validate files and --out before any model work, then load the metric (fp32 weights)."""
     from ..distances import check_files, first_failure_error
-    from ..outputs import check_output_path
+    from ..io.outputs import check_output_path
 
     failures = check_files([str(p) for p in images])
     if failures:
@@ -65,7 +65,7 @@ def attack_2afc_command(
     from ..attacks.objectives import twoafc_logits, twoafc_margin
     from ..attacks.tasks import attack_2afc_embedded, save_ready
     from ..errors import BadInputError
-    from ..outputs import save_png
+    from ..io.outputs import save_png
 
     if label is not None and label.lower() not in {"left", "right", "0", "1"}:
         raise BadInputError(f"--label must be left or right; got '{label}'.")
@@ -151,8 +151,8 @@ def attack_embed_command(
     from ..attacks import attack_embedding
     from ..attacks.tasks import save_ready
     from ..errors import BadInputError
-    from ..images import list_images
-    from ..outputs import save_png
+    from ..io.images import list_images
+    from ..io.outputs import save_png
 
     if untargeted == bool(target):
         raise BadInputError("choose exactly one of --untargeted or --target IMAGE (at least one target).")

@@ -7,7 +7,7 @@ from typing import Annotated, List, Optional
 
 import typer
 
-from ..zoo import DEFAULT_MODEL
+from ..models.zoo import DEFAULT_MODEL
 from .errors import handle_errors
 from .options import (BatchSizeOpt, CheckpointOpt, Common, DeviceOpt, DtypeOpt, ItersOpt, JsonOpt, ModelOpt,
                       NormOpt, QuietOpt, RandomStartOpt, RestartsOpt, SeedOpt, WorkersOpt, attack_settings)
@@ -52,7 +52,7 @@ def distance(
     quiet: QuietOpt = False,
 ) -> None:
     from .. import distances
-    from ..outputs import MATRIX_FORMATS, TABLE_FORMATS, check_output_path
+    from ..io.outputs import MATRIX_FORMATS, TABLE_FORMATS, check_output_path
 
     settings = None
     if robust is not None:  # weights stay fp32; --dtype then sets the attack's autocast precision
@@ -109,7 +109,7 @@ def _robust_info(settings) -> dict:
 
 
 def _write(out: Path, result, settings: dict) -> Path:
-    from ..outputs import write_matrix, write_table
+    from ..io.outputs import write_matrix, write_table
 
     if result.matrix is not None:
         meta = {"model": settings["model"]["name"], "metric": "1 - cosine similarity"}

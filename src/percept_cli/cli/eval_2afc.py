@@ -8,7 +8,7 @@ from typing import Annotated, List, Optional
 
 import typer
 
-from ..zoo import DEFAULT_MODEL
+from ..models.zoo import DEFAULT_MODEL
 from .errors import handle_errors
 from .options import (BatchSizeOpt, CheckpointOpt, DEFAULT_EPS, DeviceOpt, EpsOpt, ItersOpt, JsonOpt, QuietOpt,
                       RandomStartOpt, RestartsOpt, SeedOpt, WorkersOpt, attack_settings)
@@ -87,10 +87,11 @@ def eval_2afc(
     batch_size: BatchSizeOpt = 32, workers: WorkersOpt = None, seed: SeedOpt = 0,
     json: JsonOpt = False, quiet: QuietOpt = False,
 ) -> None:
-    from .. import distributed, eval_results
-    from ..datasets import load_dataset, subsample
+    from .. import distributed
+    from ..evaluation import results as eval_results
+    from ..evaluation.datasets import load_dataset, subsample
     from ..errors import BadInputError
-    from ..evaluation import EvalPlan
+    from ..evaluation.twoafc import EvalPlan
 
     models = list(model or [])
     if models_file is not None:
@@ -153,8 +154,8 @@ def eval_2afc(
 def _run_model(name, index, plan, record, out, dist, output, load_kwargs) -> None:
     import torch
 
-    from .. import eval_results
-    from ..evaluation import evaluate_model, summarize
+    from ..evaluation import results as eval_results
+    from ..evaluation.twoafc import evaluate_model, summarize
     from ..metric import load_metric
 
     entry = record["models"].get(name)
@@ -213,7 +214,7 @@ def _plot(path: Path, record: dict, norm: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..outputs import atomic_path
+    from ..io.outputs import atomic_path
 
     scale = 255 if norm == "linf" else 1
     fig, ax = plt.subplots(figsize=(5.5, 4), dpi=150)

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..zoo import DEFAULT_MODEL
+from ..models.zoo import DEFAULT_MODEL
 from .errors import handle_errors
 from .options import AttackDtypeOpt, CheckpointOpt, DeviceOpt, JsonOpt, ModelOpt, QuietOpt
 from .output import Output
@@ -68,7 +68,7 @@ def invert_command(
     from ..errors import BadInputError
     from ..inversion import InversionSettings, contact_sheet, invert, slug
     from ..metric import load_metric
-    from ..outputs import save_png
+    from ..io.outputs import save_png
 
     if (image is None) == (text is None):
         raise BadInputError("give exactly one target: --image PATH or --text PROMPT.")
@@ -80,7 +80,7 @@ def invert_command(
                                  views=views,
                                  autocast_dtype=None if autocast == torch.float32 else autocast)
     if image is not None:
-        from ..images import check_image
+        from ..io.images import check_image
 
         check_image(image)
     if out.exists() and not out.is_dir():

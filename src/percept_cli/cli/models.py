@@ -24,7 +24,7 @@ def _pct(value: Optional[float]) -> str:
 @handle_errors
 def list_command(json: JsonOpt = False) -> None:
     """The named models, with the NIGHTS 2AFC accuracy their authors report."""
-    from ..zoo import DEFAULT_MODEL, list_models
+    from ..models.zoo import DEFAULT_MODEL, list_models
 
     specs = list_models()
     payload = {"default": DEFAULT_MODEL,
@@ -54,7 +54,7 @@ def list_command(json: JsonOpt = False) -> None:
 @handle_errors
 def info_command(name: NameArg, checkpoint: CheckpointOpt = None, json: JsonOpt = False) -> None:
     """Source, resolved revision and cache path of a model (never downloads)."""
-    from ..loading import describe_model
+    from ..models.loading import describe_model
 
     info = describe_model(name, checkpoint)
 
@@ -82,7 +82,7 @@ def info_command(name: NameArg, checkpoint: CheckpointOpt = None, json: JsonOpt 
 @handle_errors
 def download_command(name: NameArg, json: JsonOpt = False, quiet: QuietOpt = False) -> None:
     """Fetch a model into the Hugging Face cache ahead of time (honours HF_HOME / HF_HUB_CACHE)."""
-    from ..loading import download_model
+    from ..models.loading import download_model
 
     output = Output(json, quiet)
     if quiet or json:

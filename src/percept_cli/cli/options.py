@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..zoo import DEFAULT_MODEL
+from ..models.zoo import DEFAULT_MODEL
 
 MODEL_HELP = ("Zoo name (see `percept models list`), hf-hub:ORG/NAME[@REV], a local model directory, "
               "or an OpenCLIP architecture with --checkpoint.")

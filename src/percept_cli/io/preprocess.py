@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .errors import BadInputError
+from ..errors import BadInputError
 
 _RANGE_TOLERANCE = 1e-4
 

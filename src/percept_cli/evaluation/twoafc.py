@@ -22,10 +22,10 @@ from typing import Callable, Optional
 
 import torch
 
-from .attacks import AttackSettings
-from .attacks.tasks import attack_2afc_embedded, save_ready
+from ..attacks import AttackSettings
+from ..attacks.tasks import attack_2afc_embedded, save_ready
 from .datasets import DatasetIndex, OddOneOut
-from .distributed import Dist, gather
+from ..distributed import Dist, gather
 
 Progress = Callable[..., None]
 
@@ -171,8 +171,8 @@ def _attack_batch(metric, batch, plan, records, embeddings, position) -> None:
 
 
 def _save_adversarial(folder: Path, items, x_adv, x, eps, norm) -> None:
-    from .attacks import format_eps
-    from .outputs import save_png
+    from ..attacks import format_eps
+    from ..io.outputs import save_png
 
     q, _ = save_ready(x_adv, x, eps, norm)
     target = folder / format_eps(eps, norm).replace("/", "_")

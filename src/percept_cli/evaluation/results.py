@@ -13,8 +13,8 @@ import platform
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .errors import BadInputError
-from .outputs import atomic_path
+from ..errors import BadInputError
+from ..io.outputs import atomic_path
 
 SCHEMA = "percept.eval-2afc/1"
 _MATCHING_KEYS = ("dataset", "attack", "radii", "seed")
@@ -24,7 +24,7 @@ def versions() -> dict:
     import open_clip
     import torch
 
-    from . import __version__
+    from .. import __version__
 
     return {"percept": __version__, "torch": torch.__version__, "open_clip": open_clip.__version__,
             "python": platform.python_version()}

@@ -16,7 +16,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from .errors import BadInputError
+from ..errors import BadInputError
 
 MATRIX_FORMATS = (".csv", ".npy", ".safetensors")
 TABLE_FORMATS = (".csv", ".json")

@@ -16,7 +16,7 @@ from typing import Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .errors import ImageReadError
+from ..errors import ImageReadError
 from .images import read_image
 from .preprocess import Preprocess
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass, field
 
-from .errors import UnknownModelError
+from ..errors import UnknownModelError
 
 DEFAULT_MODEL = "rclip-f-convnext-b"
 

@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import BadInputError, ModelFormatError, ModelUnavailableError
+from ..errors import BadInputError, ModelFormatError, ModelUnavailableError
 
 OPEN_CLIP = "open_clip"
 TIMM = "timm"
@@ -162,7 +162,7 @@ def _download(repo_id: str, filename: str, revision: str | None, local_only: boo
     from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, LocalEntryNotFoundError,
                                         RepositoryNotFoundError, RevisionNotFoundError)
 
-    from . import __version__
+    from .. import __version__
 
     try:
         path = hf_hub_download(repo_id, filename, revision=revision, library_name="percept",

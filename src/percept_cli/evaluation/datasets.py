@@ -20,8 +20,8 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import BadInputError
-from .images import IMAGE_EXTENSIONS
+from ..errors import BadInputError
+from ..io.images import IMAGE_EXTENSIONS
 
 DATASETS = ("nights", "bapps", "things", "custom")
 NIGHTS_SPLITS = ("train", "val", "test", "test_imagenet", "test_no_imagenet")

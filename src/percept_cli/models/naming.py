@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import BadInputError, UnknownModelError
+from ..errors import BadInputError, UnknownModelError
 from .zoo import ModelSpec, find_spec, suggest_models
 
 HF_HUB_PREFIX = "hf-hub:"

@@ -22,7 +22,7 @@ from torch import nn
 
 from . import hub
 from .encoder import PixelEncoder, TextEncoder
-from .errors import ModelFormatError, ModelUnavailableError
+from ..errors import ModelFormatError, ModelUnavailableError
 from .naming import ModelRef
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -258,7 +258,7 @@ def describe_model(name: str, checkpoint: str | Path | None = None) -> dict:
 def download_model(name: str) -> hub.ModelFiles:
     """Fetch a Hub model's config and weights into the Hugging Face cache, asking the Hub for the
     newest revision (offline: the cached snapshot, if any)."""
-    from .errors import BadInputError
+    from ..errors import BadInputError
     from .naming import parse_model_name
 
     ref = parse_model_name(name)
