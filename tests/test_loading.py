@@ -196,3 +196,184 @@ def test_weights_only_repo_uses_builtin_arch(offline_hub, tmp_path):
     # without a built-in architecture the same repo is refused with a clear message
     with pytest.raises(BadInputError, match="open_clip_config.json"):
         load_encoder(parse_model_name("hf-hub:openai-like/weights-only"))
+
+
+# --- timm ViTs: how tokens become the embedding (pooling), and mean/std from the config ---------
+
+CUSTOM_MEAN, CUSTOM_STD = (0.3, 0.6, 0.2), (0.5, 0.1, 0.35)  # not ImageNet's: a swap or default shows
+
+
+def _normalised(x, mean, std):
+    return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+
+
+def _last_block_class_token(model, x):
+    """The class token the last transformer block outputs (a forward hook, as DreamSim extracts it)."""
+    seen = {}
+    handle = model.blocks[-1].register_forward_hook(lambda module, inputs, output: seen.update(tokens=output))
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        handle.remove()
+    return seen["tokens"][:, 0]
+
+
+def _timm_output(model, x):
+    with torch.no_grad():
+        return model.forward_head(model.forward_features(x))
+
+
+@pytest.fixture(scope="module")
+def custom_norm_timm(tmp_path_factory):
+    """(directory, model): a tiny timm ViT whose config.json states a non-ImageNet mean/std."""
+    directory = tmp_path_factory.mktemp("timm-custom-norm")
+    model = tiny_models.save_timm_dir(directory, seed=11, config=tiny_models.timm_config(CUSTOM_MEAN, CUSTOM_STD))
+    return directory, model
+
+
+def test_cls_prenorm_is_the_last_blocks_class_token(custom_norm_timm):
+    directory, model = custom_norm_timm
+    encoder, source = load_encoder(parse_model_name(str(directory)), pooling="cls_prenorm")
+    x = torch.rand(2, 3, 224, 224)
+    inputs = _normalised(x, CUSTOM_MEAN, CUSTOM_STD)
+    expected = _last_block_class_token(model, inputs)
+    with torch.no_grad():
+        ours = encoder(x)
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(ours, _timm_output(model, inputs), atol=1e-3)  # the final norm does change it
+    assert source.pooling == "cls_prenorm"
+
+
+@pytest.mark.parametrize("pooling", ["token", None])
+def test_token_pooling_is_timms_own_output(custom_norm_timm, pooling):
+    directory, model = custom_norm_timm
+    encoder, source = load_encoder(parse_model_name(str(directory)), pooling=pooling)
+    x = torch.rand(2, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(x), _timm_output(model, _normalised(x, CUSTOM_MEAN, CUSTOM_STD)),
+                                   atol=1e-5, rtol=1e-5)
+    assert source.pooling == "token"
+
+
+def test_timm_config_without_mean_std_uses_imagenet_constants(tmp_path):
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    model = tiny_models.save_timm_dir(tmp_path / "m", seed=12, config=tiny_models.timm_config())
+    encoder, _ = load_encoder(parse_model_name(str(tmp_path / "m")))
+    x = torch.rand(2, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(x), model(_normalised(x, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)),
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_dino_zoo_entry_embeds_as_dreamsim(offline_hub):
+    """DreamSim's DINO: Resize((224,224)) bicubic, ImageNet mean/std, class token before the final norm."""
+    import timm
+    from PIL import Image
+    from safetensors.torch import load_file
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    from torchvision import transforms
+
+    from percept_cli import load_metric
+
+    metric = load_metric("dino-vit-b16", device="cpu")
+    assert metric.source.pooling == "cls_prenorm"
+    cfg = tiny_models.TIMM_VIT_CFG
+    model = timm.create_model(cfg["architecture"], pretrained=False, num_classes=0, **cfg["model_args"]).eval()
+    model.load_state_dict(load_file(metric.source.weights))  # the stand-in's weights, in a model of our own
+    img = Image.fromarray((torch.rand(90, 150, 3) * 255).to(torch.uint8).numpy(), "RGB")
+    dreamsim_preprocess = transforms.Compose([
+        transforms.Resize((224, 224), interpolation=transforms.InterpolationMode.BICUBIC), transforms.ToTensor()])
+    inputs = _normalised(dreamsim_preprocess(img).unsqueeze(0), IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+    torch.testing.assert_close(metric.embed(img, normalize=False), _last_block_class_token(model, inputs),
+                               atol=1e-5, rtol=1e-5)
+    # the zoo's choice can be overridden: timm's own (post-norm) output
+    token = load_metric("dino-vit-b16", device="cpu", pooling="token")
+    assert token.source.pooling == "token"
+    torch.testing.assert_close(token.embed(img, normalize=False), _timm_output(model, inputs), atol=1e-5, rtol=1e-5)
+
+
+def test_models_info_shows_pooling(offline_hub):
+    assert describe_model("dino-vit-b16")["pooling"] == "cls_prenorm"
+
+
+@pytest.mark.parametrize("case", ["unknown", "open_clip", "not-a-vit", "avg-pooled-vit"])
+def test_pooling_that_cannot_apply_is_refused(case, tiny_vit, tmp_path):
+    if case == "unknown":
+        directory, pooling = tiny_vit[0], "mean-of-everything"
+    elif case == "open_clip":
+        directory, pooling = tiny_vit[0], "cls_prenorm"
+    else:
+        if case == "not-a-vit":
+            config = tiny_models.timm_config(architecture="convnext_atto",
+                                             model_args={"dims": [8, 8, 8, 8], "depths": [1, 1, 1, 1]})
+            config["pretrained_cfg"]["classifier"] = "head.fc"  # timm's classifier name for ConvNeXt
+        else:
+            avg_pooled = {**tiny_models.TIMM_VIT_CFG["model_args"], "global_pool": "avg"}
+            config = tiny_models.timm_config(model_args=avg_pooled)
+        directory, pooling = tmp_path / case, "cls_prenorm"
+        tiny_models.save_timm_dir(directory, seed=0, config=config)
+    with pytest.raises(BadInputError, match=f"pooling '{pooling}'"):
+        load_encoder(parse_model_name(str(directory)), pooling=pooling)
+
+
+# --- OpenAI-derived ViT-L/14: QuickGELU or nothing -------------------------------------------------
+
+def _openai_l14_like(offline_hub, tmp_path, model_cfg, name):
+    """A tiny repo standing in for an OpenAI-derived L/14 zoo entry; returns (ModelRef, saved model)."""
+    import dataclasses
+
+    from percept_cli.models.naming import ModelRef
+
+    model = tiny_models.save_open_clip_dir(tmp_path / name, model_cfg, seed=8)
+    tiny_models.add_to_hub_cache(offline_hub, f"openai-like/{name}", tmp_path / name)
+    spec = dataclasses.replace(zoo.get_spec("rclip-f4-vit-l14"), source=f"hf-hub:openai-like/{name}")
+    return ModelRef("hf-hub", f"openai-like/{name}", spec.name, spec=spec), model
+
+
+def test_openai_derived_l14_with_gelu_config_still_runs_quick_gelu(offline_hub, tmp_path):
+    """A zoo entry's Hub config that omits quick_gelu must not make OpenAI-derived weights run with GELU."""
+    from open_clip.model import CLIP
+
+    ref, model = _openai_l14_like(offline_hub, tmp_path, tiny_models.VIT_CFG, "gelu-config")
+    encoder, _ = load_encoder(ref)
+    quick = CLIP(**tiny_models.VIT_QUICKGELU_CFG).eval()  # the same weights, run as OpenAI's CLIP runs them
+    quick.load_state_dict(model.state_dict())
+    x = torch.rand(2, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(x), _direct_embedding(quick, x), atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(encoder(x), _direct_embedding(model, x), atol=1e-4)  # GELU differs
+
+
+def test_quick_gelu_safety_net_refuses_a_gelu_tower(offline_hub, tmp_path, monkeypatch):
+    """If the build ever ignores the forced QuickGELU, loading stops instead of giving wrong numbers."""
+    from percept_cli.models import loading
+
+    ref, _ = _openai_l14_like(offline_hub, tmp_path, tiny_models.VIT_CFG, "gelu-config-2")
+    real_build = loading._build_open_clip
+    monkeypatch.setattr(loading, "_build_open_clip", lambda root, arch, quick_gelu=False: real_build(root, arch))
+    with pytest.raises(ModelFormatError, match="QuickGELU") as info:
+        load_encoder(ref)
+    assert '"quick_gelu": true' in str(info.value)
+
+
+def test_openai_derived_l14_with_quick_gelu_config_loads(offline_hub, tmp_path):
+    from open_clip.model import CLIP
+
+    ref, model = _openai_l14_like(offline_hub, tmp_path, tiny_models.VIT_QUICKGELU_CFG, "quickgelu-config")
+    encoder, _ = load_encoder(ref)
+    x = torch.rand(2, 3, 224, 224)
+    with torch.no_grad():
+        ours = encoder(x)
+        torch.testing.assert_close(ours, _direct_embedding(model, x), atol=1e-5, rtol=1e-5)
+        gelu = CLIP(**tiny_models.VIT_CFG).eval()  # the same weights with GELU: silently different numbers
+        gelu.load_state_dict(model.state_dict())
+        assert not torch.allclose(ours, _direct_embedding(gelu, x), atol=1e-4)
+
+
+@pytest.mark.parametrize("spec", [s for s in zoo.list_models() if s.backbone == "ViT-L/14"], ids=lambda s: s.name)
+def test_zoo_l14_entries_use_openais_quick_gelu_arch(spec):
+    import open_clip
+
+    assert open_clip.get_model_config(spec.arch)["quick_gelu"] is True

@@ -57,3 +57,116 @@ def test_bad_tensors_rejected(bad):
 def test_uint8_tensors_scaled():
     x = torch.full((3, 8, 8), 255, dtype=torch.uint8)
     assert float(as_pixel_batch(x).max()) == 1.0
+
+
+# --- the other geometries: ConvNeXt's 256 -> 224, no-crop resizes, and the zoo's choices -----------
+
+SIZES = [(96, 64), (64, 96), (300, 300), (50, 500), (333, 257)]
+
+
+def _torchvision(*steps):
+    from torchvision import transforms
+
+    return transforms.Compose([*steps, transforms.ToTensor()])
+
+
+def _resize_no_crop(size=224, interpolation="bicubic"):
+    from torchvision import transforms
+
+    mode = transforms.InterpolationMode.BICUBIC if interpolation == "bicubic" else transforms.InterpolationMode.BILINEAR
+    return _torchvision(transforms.Resize((size, size), interpolation=mode))
+
+
+def _resize_crop(resize, crop):
+    from torchvision import transforms
+
+    return _torchvision(transforms.Resize(resize, interpolation=transforms.InterpolationMode.BICUBIC),
+                        transforms.CenterCrop(crop))
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_resize_256_crop_224_matches_the_authors_convnext_transform(size):
+    """The authors build OpenCLIP's 256 px eval transform and swap its CenterCrop for CenterCrop(224)."""
+    import open_clip
+    from torchvision import transforms
+
+    reference = open_clip.image_transform(256, is_train=False, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    assert isinstance(reference.transforms[1], transforms.CenterCrop)
+    reference.transforms[1] = transforms.CenterCrop(224)
+    img = make_picture(4, size)
+    ours, theirs = Preprocess(224, resize=256)(img), reference(img)
+    assert ours.shape == theirs.shape == (3, 224, 224)
+    torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_no_crop_matches_torchvision_resize_to_square(size):
+    img = make_picture(6, size)
+    torch.testing.assert_close(Preprocess(224, crop=False)(img), _resize_no_crop()(img), atol=1e-6, rtol=0)
+
+
+def test_bilinear_no_crop_matches_torchvision_default_upsampling():
+    """The authors' BAPPS pipeline: 64x64 patches through torchvision's default Resize(224) (bilinear)."""
+    from torchvision import transforms
+
+    img = make_picture(7, (64, 64))
+    ours = Preprocess(224, crop=False, interpolation="bilinear")(img)
+    torch.testing.assert_close(ours, _torchvision(transforms.Resize(224))(img), atol=1e-6, rtol=0)
+    assert not torch.allclose(ours, Preprocess(224, crop=False)(img), atol=1e-3)  # bicubic differs
+
+
+@pytest.mark.parametrize("pre, other", [(Preprocess(48, resize=56), Preprocess(48, crop=False)),
+                                        (Preprocess(48, crop=False), Preprocess(48, resize=56))],
+                         ids=["resize-crop", "no-crop"])
+@pytest.mark.parametrize("size", [(120, 80), (80, 120), (30, 200)])
+def test_tensor_path_follows_the_same_geometry(pre, other, size):
+    import numpy as np
+
+    img = make_picture(8, size)
+    pixels = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
+    from_pil, from_tensor = pre(img), pre.tensor(pixels)[0]
+    assert from_tensor.shape == from_pil.shape == (3, 48, 48)
+    gap = (from_pil - from_tensor).abs().mean()
+    assert gap < 0.03  # two resamplers: close, not bit-equal
+    assert (other.tensor(pixels)[0] - from_pil).abs().mean() > 2 * gap  # ... and closer than the other geometry
+
+
+# The preprocessing each kind of zoo model was evaluated with, written from the authors' code:
+# ConvNeXt-B (trained at 256 px): OpenCLIP's resize to 256 then CenterCrop(224); CLIP ViTs: 224 then 224;
+# DINO as DreamSim: Resize((224, 224)) without crop. All bicubic.
+ZOO_GEOMETRY = {
+    "rclip-f-convnext-b": lambda: _resize_crop(256, 224),
+    "clip-convnext-b": lambda: _resize_crop(256, 224),
+    "rclip-t-vit-b16": lambda: _resize_crop(224, 224),
+    "rclip-t-vit-b32": lambda: _resize_crop(224, 224),
+    "rclip-f4-vit-l14": lambda: _resize_crop(224, 224),
+    "dino-vit-b16": lambda: _resize_no_crop(224),
+}
+OVERRIDES = [  # (zoo name, load_metric overrides, the transform they must give)
+    ("rclip-f-convnext-b", {"resize": 224}, lambda: _resize_crop(224, 224)),
+    ("rclip-f-convnext-b", {"resize": 224, "crop": 0}, lambda: _resize_no_crop(224)),
+    ("rclip-t-vit-b16", {"crop": 0}, lambda: _resize_no_crop(224)),
+    ("dino-vit-b16", {"crop": 224}, lambda: _resize_crop(224, 224)),
+]
+
+
+@pytest.mark.parametrize("name, overrides, reference",
+                         [pytest.param(n, {}, g, id=n) for n, g in ZOO_GEOMETRY.items()]
+                         + [pytest.param(*case, id=f"{case[0]}-" + ",".join(f"{k}={v}" for k, v in case[1].items()))
+                            for case in OVERRIDES])
+def test_zoo_models_preprocess_as_evaluated(offline_hub, name, overrides, reference):
+    from percept_cli import load_metric
+
+    metric = load_metric(name, device="cpu", **overrides)
+    images = [make_picture(9, (150, 100)), make_picture(10, (100, 150))]
+    expected = torch.stack([reference()(img) for img in images])
+    torch.testing.assert_close(metric.pixels(images), expected, atol=1e-6, rtol=0)
+
+
+def test_every_zoo_entry_has_a_stated_geometry():
+    from percept_cli.models import zoo
+
+    by_backbone = {"ConvNeXt-B": (256, 224), "ViT-B/16": (224, 224), "ViT-B/32": (224, 224), "ViT-L/14": (224, 224)}
+    for spec in zoo.list_models():
+        expected = (224, None) if spec.family == "timm" else by_backbone[spec.backbone]
+        assert (spec.resize, spec.crop) == expected, spec.name

@@ -1,10 +1,19 @@
-"""The zoo table: complete, unambiguous, and covering what the paper evaluated."""
+"""The zoo table: complete, unambiguous, covering what the paper evaluated, every number sourced."""
 
 from __future__ import annotations
+
+import re
+from fractions import Fraction
 
 import pytest
 
 from percept_cli.models import zoo
+
+# The vocabulary a published number may use (written out here, not read from the zoo).
+BENCHMARKS = {"nights", "nights_imagenet", "nights_no_imagenet", "bapps", "things", "roxford_medium", "roxford_hard",
+              "rparis_medium", "rparis_hard", "nsfw"} | {
+    f"bapps_{s}" for s in ("traditional", "cnn", "superres", "deblur", "color", "frameinterp")}
+THREAT_RE = re.compile(r"clean|(linf|l2) (\d+(?:\.\d+)?(?:/\d+)?)")
 
 
 def test_default_is_fare_convnext():
@@ -33,12 +42,51 @@ def test_required_entries_present():
     assert any(s.family == "timm" and "dino" in s.source for s in zoo.list_models())
 
 
-def test_nights_numbers_are_percentages_and_robust_below_clean():
+def test_every_published_number_is_sourced_in_range_and_from_the_vocabulary():
+    seen = 0
+    for spec in zoo.list_models():
+        keys = [(r.benchmark, r.threat) for r in spec.published]
+        assert len(keys) == len(set(keys)), spec.name  # one number per benchmark and threat
+        for r in spec.published:
+            seen += 1
+            assert re.fullmatch(r"Table [IVX]+", r.source) or r.source in zoo.SOURCES, (spec.name, r)
+            assert 0.0 <= r.value <= 100.0 and r.benchmark in BENCHMARKS and THREAT_RE.fullmatch(r.threat)
+    assert seen > 0
+
+
+def test_threat_keys_name_their_ball():
+    for key, ball in zoo.THREATS.items():
+        match = THREAT_RE.fullmatch(key)
+        assert match, key
+        if key == "clean":
+            assert ball is None
+        else:
+            assert ball[0] == match.group(1) and ball[1] == pytest.approx(float(Fraction(match.group(2))))
+
+
+def test_robust_never_above_clean():
+    for spec in zoo.list_models():
+        for r in spec.published:
+            clean = spec.published_value(r.benchmark, "clean")
+            if r.threat != "clean" and clean is not None:
+                assert r.value <= clean.value, (spec.name, r)
+
+
+def test_default_model_has_nights_clean_linf_l2_and_the_nights_view_agrees():
+    spec = zoo.get_spec(zoo.DEFAULT_MODEL)
+    for threat in ("clean", "linf 4/255", "l2 3"):
+        assert spec.published_value("nights", threat) is not None, threat
     for s in zoo.list_models():
-        for value in (s.nights.clean, s.nights.linf, s.nights.l2):
-            assert value is None or 0.0 <= value <= 100.0
-        if s.nights.clean is not None and s.nights.linf is not None:
-            assert s.nights.linf <= s.nights.clean
+        expected = [s.published_value("nights", t) for t in ("clean", "linf 4/255", "l2 3")]
+        assert [s.nights.clean, s.nights.linf, s.nights.l2] == [None if r is None else r.value for r in expected]
+
+
+@pytest.mark.parametrize("args", [("nights", "clean", 101.0, "README"), ("nights", "clean", -1.0, "README"),
+                                  ("imagenet", "clean", 50.0, "README"), ("nights", "linf 3/255", 50.0, "README"),
+                                  ("nights", "clean", 50.0, "a blog post"), ("nights", "clean", 50.0, "Table 1")])
+def test_published_result_refuses_what_is_outside_the_vocabulary(args):
+    with pytest.raises(ValueError):
+        zoo.PublishedResult(*args)
 
 
 def test_unknown_name():

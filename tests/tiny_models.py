@@ -23,6 +23,8 @@ TEXT_CFG = {"context_length": 16, "vocab_size": 49408, "width": 16, "heads": 2, 
 VIT_CFG = {"embed_dim": 16,
            "vision_cfg": {"image_size": 224, "layers": 1, "width": 32, "patch_size": 32, "head_width": 16},
            "text_cfg": TEXT_CFG}
+# OpenAI-derived CLIP ViTs (the zoo's ``-quickgelu`` archs) use QuickGELU; their stand-ins must too.
+VIT_QUICKGELU_CFG = {**VIT_CFG, "quick_gelu": True}
 CONVNEXT_CFG = {"embed_dim": 16,
                 "vision_cfg": {"timm_model_name": "convnext_atto", "timm_model_pretrained": False,
                                "timm_pool": "", "timm_proj": "linear", "image_size": 256},
@@ -65,17 +67,31 @@ def save_open_clip_dir(directory: Path, model_cfg: dict = VIT_CFG, seed: int = 0
     return model
 
 
-def save_timm_dir(directory: Path, seed: int = 0):
-    """Write a tiny timm ViT in timm's Hub layout; returns the model."""
+def timm_config(mean=None, std=None, architecture: str | None = None, model_args: dict | None = None) -> dict:
+    """A timm ``config.json`` like TIMM_VIT_CFG with other mean/std (None: leave the key out) or model."""
+    pretrained = {k: v for k, v in TIMM_VIT_CFG["pretrained_cfg"].items() if k not in ("mean", "std")}
+    pretrained.update({k: list(v) for k, v in (("mean", mean), ("std", std)) if v is not None})
+    return {**TIMM_VIT_CFG, "architecture": architecture or TIMM_VIT_CFG["architecture"],
+            "model_args": model_args if model_args is not None else TIMM_VIT_CFG["model_args"],
+            "pretrained_cfg": pretrained}
+
+
+def save_timm_dir(directory: Path, seed: int = 0, config: dict = TIMM_VIT_CFG,
+                  weights_name: str = "model.safetensors"):
+    """Write a tiny timm model (default: a ViT) in timm's Hub layout; returns the model."""
     import timm
     from safetensors.torch import save_file
 
     directory.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    model = timm.create_model(TIMM_VIT_CFG["architecture"], pretrained=False, num_classes=0,
-                              **TIMM_VIT_CFG["model_args"]).eval()
-    (directory / "config.json").write_text(json.dumps(TIMM_VIT_CFG))
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(directory / "model.safetensors"))
+    model = timm.create_model(config["architecture"], pretrained=False, num_classes=0,
+                              **config["model_args"]).eval()
+    (directory / "config.json").write_text(json.dumps(config))
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if weights_name.endswith(".safetensors"):
+        save_file(state, str(directory / weights_name))
+    else:
+        torch.save(state, directory / weights_name)
     return model
 
 
@@ -107,19 +123,30 @@ def build_zoo_cache(cache: Path, work: Path) -> dict[str, Path]:
     """A Hub cache with a tiny stand-in under every zoo entry's repo id.
 
     ConvNeXt entries get a ConvNeXt-atto OpenCLIP model, ViT entries a 1-layer
-    ViT, DINO a tiny timm ViT. Returns {kind: source dir} of the stand-ins.
+    ViT (with QuickGELU for the OpenAI-derived ``-quickgelu`` entries), DINO a tiny timm ViT.
+    Returns {kind: source dir} of the stand-ins.
     """
     from percept_cli.models.zoo import list_models
 
     sources = {
         "convnext": work / "standin-convnext",
         "vit": work / "standin-vit",
+        "vit-quickgelu": work / "standin-vit-quickgelu",
         "timm": work / "standin-timm",
     }
     save_open_clip_dir(sources["convnext"], CONVNEXT_CFG, seed=1)
     save_open_clip_dir(sources["vit"], VIT_CFG, seed=2)
+    save_open_clip_dir(sources["vit-quickgelu"], VIT_QUICKGELU_CFG, seed=2)
     save_timm_dir(sources["timm"], seed=3)
     for spec in list_models():
-        kind = "timm" if spec.family == "timm" else ("convnext" if "ConvNeXt" in spec.backbone else "vit")
-        add_to_hub_cache(cache, spec.repo_id, sources[kind])
+        add_to_hub_cache(cache, spec.repo_id, sources[standin_kind(spec)])
     return sources
+
+
+def standin_kind(spec) -> str:
+    """Which stand-in of :func:`build_zoo_cache` sits under a zoo entry's repo id."""
+    if spec.family == "timm":
+        return "timm"
+    if "ConvNeXt" in spec.backbone:
+        return "convnext"
+    return "vit-quickgelu" if spec.arch and "quickgelu" in spec.arch.lower() else "vit"

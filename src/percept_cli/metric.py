@@ -67,7 +67,7 @@ class PerceptualMetric:
         self.text_encoder = text_encoder
         self.batch_size = int(batch_size)
         self.num_workers = num_workers
-        self.preprocess = Preprocess(encoder.image_size)
+        self.preprocess: Preprocess = encoder.preprocess
 
     def __repr__(self) -> str:
         return (f"PerceptualMetric(model={self.source.name!r}, device={str(self.device)!r}, "
@@ -99,17 +99,22 @@ class PerceptualMetric:
         return 1.0 - (self.embed_pixels(x) * self.embed_pixels(y)).sum(-1)
 
     # -- inference path ------------------------------------------------------------------
-    def pixels(self, images: Images) -> torch.Tensor:
-        """Preprocess in-memory inputs (paths, PIL images, tensors) into a (N,3,S,S) [0,1] batch."""
+    def pixels(self, images: Images, *, preprocess: Preprocess | None = None) -> torch.Tensor:
+        """Preprocess in-memory inputs (paths, PIL images, tensors) into a (N,3,S,S) [0,1] batch.
+
+        ``preprocess`` replaces the model's geometry (e.g. a dataset's own upsampling); its
+        output size must be the model's input size.
+        """
+        pre = self._geometry(preprocess)
         items = self._as_list(images)
         out = []
         for item in items:
             if isinstance(item, torch.Tensor):
-                out.append(self.preprocess.tensor(item).cpu())
+                out.append(pre.tensor(item).cpu())
             elif isinstance(item, Image.Image):
-                out.append(self.preprocess(_rgb(item)).unsqueeze(0))
+                out.append(pre(_rgb(item)).unsqueeze(0))
             elif _is_path(item):
-                out.append(self.preprocess(read_image(item)).unsqueeze(0))
+                out.append(pre(read_image(item)).unsqueeze(0))
             else:
                 raise BadInputError(f"cannot use {type(item).__name__} as an image; pass a path, PIL image or tensor.")
         return torch.cat(out)
@@ -139,11 +144,12 @@ class PerceptualMetric:
     @torch.no_grad()
     def embed_files(self, paths: Sequence[str | os.PathLike], *, skip_bad: bool = False,
                     batch_size: int | None = None, normalize: bool = True,
-                    progress: Progress | None = None) -> EmbedResult:
+                    progress: Progress | None = None, preprocess: Preprocess | None = None) -> EmbedResult:
         """Embed image files, decoded in parallel by DataLoader workers.
 
         Args:
             skip_bad: skip unreadable files (reported in ``failures``) instead of raising.
+            preprocess: replaces the model's geometry (see :meth:`pixels`).
 
         Raises:
             ImageReadError: an unreadable file when ``skip_bad`` is False.
@@ -151,7 +157,7 @@ class PerceptualMetric:
         bs = batch_size or self.batch_size
         pin = self.device.type == "cuda"
         rows, indices, failures = [], [], []
-        for idx, batch, failed in iter_file_batches(paths, self.preprocess, bs, self.num_workers, pin):
+        for idx, batch, failed in iter_file_batches(paths, self._geometry(preprocess), bs, self.num_workers, pin):
             if failed and not skip_bad:
                 raise ImageReadError(failed[0].path, failed[0].reason)
             failures.extend(failed)
@@ -197,6 +203,14 @@ class PerceptualMetric:
         eb = ea if b is None else self.embed(b)
         return 1.0 - ea @ eb.T
 
+    def _geometry(self, preprocess: Preprocess | None) -> Preprocess:
+        if preprocess is None:
+            return self.preprocess
+        if preprocess.image_size != self.image_size:
+            raise BadInputError(f"preprocessing to {preprocess.image_size} px does not fit the model's "
+                                f"{self.image_size} px input.")
+        return preprocess
+
     @staticmethod
     def _as_list(images: Images) -> list:
         if isinstance(images, torch.Tensor) or _is_path(images) or isinstance(images, Image.Image):
@@ -215,7 +229,8 @@ def _rgb(img: Image.Image) -> Image.Image:
 
 def load_metric(model: str = DEFAULT_MODEL, *, device: str | torch.device = "auto",
                 dtype: str | torch.dtype = "fp32", checkpoint: str | Path | None = None,
-                batch_size: int = 32, num_workers: int | None = None, with_text: bool = False) -> PerceptualMetric:
+                batch_size: int = 32, num_workers: int | None = None, with_text: bool = False,
+                resize: int | None = None, crop: int | None = None, pooling: str | None = None) -> PerceptualMetric:
     """Load a perceptual metric by zoo name, ``hf-hub:`` id, local directory, or arch + checkpoint.
 
     Args:
@@ -226,6 +241,9 @@ def load_metric(model: str = DEFAULT_MODEL, *, device: str | torch.device = "aut
         batch_size: default batch size for embedding.
         num_workers: DataLoader workers for files (None: automatic).
         with_text: also keep the CLIP text tower (``embed_text``; text inversion).
+        resize, crop: override the zoo's/config's preprocessing: the short side before the crop, and
+            the crop (the model's input size); ``crop=0`` resizes both sides to ``resize``, no crop.
+        pooling: how a timm ViT's tokens become the embedding (see ``percept models info``).
 
     Raises:
         UnknownModelError, BadInputError, ModelUnavailableError, ModelFormatError.
@@ -234,5 +252,6 @@ def load_metric(model: str = DEFAULT_MODEL, *, device: str | torch.device = "aut
     """
     ref = parse_model_name(model, checkpoint)
     torch_device = resolve_device(device)
-    encoder, source, text = load_encoder_and_text(ref, torch_device, resolve_dtype(dtype), with_text=with_text)
+    encoder, source, text = load_encoder_and_text(ref, torch_device, resolve_dtype(dtype), with_text=with_text,
+                                                  resize=resize, crop=crop, pooling=pooling)
     return PerceptualMetric(encoder, source, batch_size=batch_size, num_workers=num_workers, text_encoder=text)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from percept_cli.models import zoo
@@ -18,8 +19,14 @@ def test_list_json_matches_zoo():
     doc = json.loads(result.stdout)
     assert doc["default"] == zoo.DEFAULT_MODEL
     assert [m["name"] for m in doc["models"]] == [s.name for s in zoo.list_models()]
-    fare = next(m for m in doc["models"] if m["name"] == "rclip-f-convnext-b")
-    assert fare["nights"] == {"clean": 90.6, "linf": 74.3, "l2": 66.1}
+    for entry in doc["models"]:
+        spec = zoo.get_spec(entry["name"])
+        for key, threat in (("clean", "clean"), ("linf", "linf 4/255"), ("l2", "l2 3")):
+            published = spec.published_value("nights", threat)
+            assert entry["nights"][key] == (None if published is None else published.value)
+        assert len(entry["published"]) == len(spec.published)
+    default = next(m for m in doc["models"] if m["name"] == zoo.DEFAULT_MODEL)
+    assert None not in default["nights"].values()
 
 
 def test_list_table():
@@ -34,6 +41,24 @@ def test_info_cached(offline_hub):
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
     assert doc["present"] is True and doc["path"].startswith(str(offline_hub)) and len(doc["revision"]) == 40
+
+
+def _published_rows(spec):
+    return {(r.benchmark, r.threat, r.value, r.source) for r in spec.published}
+
+
+@pytest.mark.parametrize("name", [zoo.DEFAULT_MODEL, "rclip-t-vit-b16", "dino-vit-b16"])
+def test_info_shows_every_published_number_with_its_source(empty_offline_hub, name):
+    spec = zoo.get_spec(name)
+    doc = json.loads(runner.invoke(app, ["models", "info", name, "--json"]).stdout)
+    assert {(r["benchmark"], r["threat"], r["value"], r["source"]) for r in doc["published"]} == _published_rows(spec)
+    human = runner.invoke(app, ["models", "info", name])
+    assert human.exit_code == 0, human.output
+    lines = human.stdout.splitlines()
+    for benchmark, threat, value, source in _published_rows(spec):
+        assert any(benchmark in ln and threat in ln and f"{value:.1f}" in ln and source in ln for ln in lines)
+    if not spec.published:
+        assert "none found" in human.stdout
 
 
 def test_info_uncached_and_download_offline(empty_offline_hub):

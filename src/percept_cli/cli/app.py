@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 import typer
 
 from .. import __version__
-from . import attack, distance, eval_2afc, invert, models
+from . import attack, compare_paper, distance, eval_2afc, invert, models
 
 app = typer.Typer(
     name="percept",
@@ -39,6 +39,7 @@ def _root(version: Annotated[Optional[bool], typer.Option("--version", callback=
 app.command("distance", help=distance.HELP, no_args_is_help=False)(distance.distance)
 app.add_typer(attack.app, name="attack")
 app.command("eval-2afc", help=eval_2afc.HELP)(eval_2afc.eval_2afc)
+app.command("compare-paper", help=compare_paper.HELP)(compare_paper.compare_paper)
 app.command("invert", help=invert.HELP)(invert.invert_command)
 app.add_typer(models.app, name="models")
 

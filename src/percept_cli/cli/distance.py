@@ -9,8 +9,9 @@ import typer
 
 from ..models.zoo import DEFAULT_MODEL
 from .errors import handle_errors
-from .options import (BatchSizeOpt, CheckpointOpt, Common, DeviceOpt, DtypeOpt, ItersOpt, JsonOpt, ModelOpt,
-                      NormOpt, QuietOpt, RandomStartOpt, RestartsOpt, SeedOpt, WorkersOpt, attack_settings)
+from .options import (BatchSizeOpt, CheckpointOpt, Common, CropOpt, DeviceOpt, DtypeOpt, ItersOpt, JsonOpt, ModelOpt,
+                      NormOpt, PoolingOpt, QuietOpt, RandomStartOpt, ResizeOpt, RestartsOpt, SeedOpt, WorkersOpt,
+                      attack_settings)
 from .output import Output
 
 MAX_PRINTED_MATRIX = (40, 12)  # rows, cols shown as a table without --out
@@ -47,6 +48,9 @@ def distance(
     dtype: DtypeOpt = "fp32",
     batch_size: BatchSizeOpt = 32,
     workers: WorkersOpt = None,
+    resize: ResizeOpt = None,
+    crop: CropOpt = None,
+    pooling: PoolingOpt = None,
     seed: SeedOpt = 0,
     json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -58,7 +62,7 @@ def distance(
     if robust is not None:  # weights stay fp32; --dtype then sets the attack's autocast precision
         settings = attack_settings(norm, robust, iters, restarts, random_start, seed, dtype)
         dtype = "fp32"
-    common = Common(model, checkpoint, device, dtype, batch_size, workers, seed, json, quiet)
+    common = Common(model, checkpoint, device, dtype, batch_size, workers, seed, json, quiet, resize, crop, pooling)
     output = Output(json, quiet)
 
     job = distances.plan_job(inputs or [], str(pairs) if pairs else None, recursive)

@@ -9,7 +9,9 @@ import typer
 
 from ..models.zoo import DEFAULT_MODEL
 from .errors import handle_errors
-from .options import AttackDtypeOpt, CheckpointOpt, DeviceOpt, JsonOpt, ModelOpt, QuietOpt
+from .options import (AttackDtypeOpt, CheckpointOpt, CropOpt, DeviceOpt, JsonOpt, ModelOpt, PoolingOpt, QuietOpt,
+                      ResizeOpt,
+                      geometry_options)
 from .output import Output
 
 HELP = """Invert the metric: images whose embedding matches a photo (--image) or a prompt (--text).
@@ -60,7 +62,9 @@ def invert_command(
     judge: Annotated[Optional[str], typer.Option("--judge", help="Also report the similarity under this model.")]
     = None,
     model: ModelOpt = DEFAULT_MODEL, checkpoint: CheckpointOpt = None, device: DeviceOpt = "auto",
-    dtype: AttackDtypeOpt = "fp32", json: JsonOpt = False, quiet: QuietOpt = False,
+    dtype: AttackDtypeOpt = "fp32", resize: ResizeOpt = None, crop: CropOpt = None,
+    pooling: PoolingOpt = None,
+    json: JsonOpt = False, quiet: QuietOpt = False,
 ) -> None:
     import torch
 
@@ -87,7 +91,8 @@ def invert_command(
         raise BadInputError(f"--out {out} exists and is not a folder.")
     output = Output(json, quiet)
     with output.status(f"Loading {model} ..."):
-        metric = load_metric(model, device=device, checkpoint=checkpoint, with_text=text is not None)
+        metric = load_metric(model, device=device, checkpoint=checkpoint, with_text=text is not None,
+                             **geometry_options(resize, crop, pooling))
         judge_metric = load_metric(judge, device=device, with_text=text is not None) if judge else None
     if text is not None:
         target_emb, name = metric.embed_text([text])[0], slug(text)

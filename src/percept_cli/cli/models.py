@@ -28,7 +28,9 @@ def list_command(json: JsonOpt = False) -> None:
 
     specs = list_models()
     payload = {"default": DEFAULT_MODEL,
-               "models": [{**asdict(s), "nights": asdict(s.nights), "aliases": list(s.aliases)} for s in specs]}
+               "models": [{**asdict(s), "image_size": s.image_size, "nights": asdict(s.nights),
+                           "aliases": list(s.aliases), "published": [asdict(r) for r in s.published]}
+                          for s in specs]}
 
     def render(console):
         from rich.table import Table
@@ -53,10 +55,13 @@ def list_command(json: JsonOpt = False) -> None:
 @app.command("info")
 @handle_errors
 def info_command(name: NameArg, checkpoint: CheckpointOpt = None, json: JsonOpt = False) -> None:
-    """Source, resolved revision and cache path of a model (never downloads)."""
+    """Source, resolved revision and cache path of a model (never downloads), and its published numbers."""
     from ..models.loading import describe_model
+    from ..models.zoo import find_spec
 
     info = describe_model(name, checkpoint)
+    spec = find_spec(info["zoo"]) if info.get("zoo") else None
+    info["published"] = [asdict(r) for r in spec.published] if spec else []
 
     def render(console):
         from rich.table import Table
@@ -65,17 +70,36 @@ def info_command(name: NameArg, checkpoint: CheckpointOpt = None, json: JsonOpt 
         table.add_column(style="bold")
         table.add_column()
         for key in ("name", "zoo", "label", "backbone", "method", "source", "family", "requested_revision",
-                    "present", "revision", "path", "config", "weights", "cache_dir", "image_size"):
+                    "present", "revision", "path", "config", "weights", "cache_dir", "preprocess", "pooling"):
             if info.get(key) is not None:
-                table.add_row(key, str(info[key]))
-        if info.get("nights"):
-            n = info["nights"]
-            table.add_row("NIGHTS", f"clean {_pct(n['clean'])} / l_inf {_pct(n['linf'])} / l2 {_pct(n['l2'])}")
+                table.add_row(key, _preprocess_text(info[key]) if key == "preprocess" else str(info[key]))
         console.print(table)
+        if info["zoo"]:
+            _render_published(console, info["published"])
         if not info["present"]:
             console.print(f"not cached: run `percept models download {name}` on a connected machine.")
 
     Output(json).result(info, render)
+
+
+def _render_published(console, published: list[dict]) -> None:
+    """The published numbers of a zoo entry, with where each was read."""
+    from rich.table import Table
+
+    from ..models.zoo import SOURCES
+
+    if not published:
+        console.print("published numbers: none found (see docs/models.md).")
+        return
+    table = Table(title="published numbers (%)", header_style="bold", title_justify="left")
+    for col, kw in (("benchmark", {"no_wrap": True}), ("threat", {"no_wrap": True}),
+                    ("value", {"justify": "right"}), ("source", {})):
+        table.add_column(col, **kw)
+    for r in published:
+        table.add_row(r["benchmark"], r["threat"], _pct(r["value"]), r["source"])
+    console.print(table)
+    for source in sorted({r["source"] for r in published} & set(SOURCES)):
+        console.print(f"{source}: {SOURCES[source]}", style="dim")
 
 
 @app.command("download")
@@ -93,3 +117,10 @@ def download_command(name: NameArg, json: JsonOpt = False, quiet: QuietOpt = Fal
     payload = {"name": name, "repo_id": files.repo_id, "revision": files.revision, "path": str(files.root),
                "files": [p.name for p in (files.config_path, files.weights_path) if p]}
     output.result(payload, lambda c: c.print(f"{name}: {files.repo_id}@{files.revision} in {files.root}"))
+
+
+def _preprocess_text(pre: dict) -> str:
+    """``resize short side 256, center-crop 224`` from a zoo entry's resize/crop."""
+    if pre.get("crop") is None:
+        return f"resize to {pre['resize']}x{pre['resize']}, no crop"
+    return f"resize short side {pre['resize']} (bicubic), center-crop {pre['crop']}"

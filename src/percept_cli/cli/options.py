@@ -27,6 +27,15 @@ BatchSizeOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Im
 WorkersOpt = Annotated[Optional[int], typer.Option(
     "--workers", min=0, help="DataLoader workers decoding images (default: automatic).",
     rich_help_panel="Model")]
+ResizeOpt = Annotated[Optional[int], typer.Option(
+    "--resize", min=1, help="Override the model's preprocessing: resize the short side to N before the crop "
+    "(default: the zoo entry's, e.g. 256 for ConvNeXt, 224 for ViTs).", rich_help_panel="Model")]
+CropOpt = Annotated[Optional[str], typer.Option(
+    "--crop", help="Override the center-crop size (the model's input size), or 'none' to resize both sides "
+    "to --resize without a crop.", rich_help_panel="Model", show_default=False)]
+PoolingOpt = Annotated[Optional[str], typer.Option(
+    "--pooling", help="timm ViTs: cls_prenorm (class token before the final LayerNorm, as DreamSim; the DINO "
+    "entry's default) or token (timm's output, after the norm).", rich_help_panel="Model", show_default=False)]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for anything random (attack random starts).",
                                       rich_help_panel="Output")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout, nothing else.",
@@ -48,6 +57,9 @@ class Common:
     seed: int = 0
     json: bool = False
     quiet: bool = False
+    resize: Optional[int] = None
+    crop: Optional[str] = None
+    pooling: Optional[str] = None
 
     def load_metric(self, out):
         """Seed, then load the metric with a spinner on stderr."""
@@ -58,12 +70,33 @@ class Common:
         torch.manual_seed(self.seed)
         with out.status(f"Loading {self.model} ..."):
             return load_metric(self.model, device=self.device, dtype=self.dtype, checkpoint=self.checkpoint,
-                               batch_size=self.batch_size, num_workers=self.workers)
+                               batch_size=self.batch_size, num_workers=self.workers,
+                               **geometry_options(self.resize, self.crop, self.pooling))
 
     def describe(self, metric) -> dict:
         """The run's settings for JSON output."""
         return {"model": metric.source.as_dict(), "device": str(metric.device), "dtype": metric.dtype_name,
-                "image_size": metric.image_size, "batch_size": self.batch_size, "seed": self.seed}
+                "image_size": metric.image_size, "preprocess": metric.preprocess.as_dict(),
+                "batch_size": self.batch_size, "seed": self.seed}
+
+
+def geometry_options(resize: Optional[int], crop: Optional[str], pooling: Optional[str] = None) -> dict:
+    """``load_metric`` keyword arguments from ``--resize``/``--crop``/``--pooling`` (``--crop none`` = no crop).
+
+    Raises:
+        BadInputError: a crop that is neither a positive integer nor 'none'.
+    """
+    from ..errors import BadInputError
+    from ..models.loading import NO_CROP
+
+    if crop is None:
+        return {"resize": resize, "crop": None, "pooling": pooling}
+    text = crop.strip().lower()
+    if text in {"none", "no", "0"}:
+        return {"resize": resize, "crop": NO_CROP, "pooling": pooling}
+    if not text.isdigit():
+        raise BadInputError(f"--crop takes a positive size or 'none'; got '{crop}'.")
+    return {"resize": resize, "crop": int(text), "pooling": pooling}
 
 
 # -- attack options (percept attack ..., percept distance --robust) -------------------------------

@@ -1,14 +1,21 @@
-"""Preprocessing as in the paper: resize the short side (bicubic), center-crop, pixels in [0,1].
+"""Preprocessing as in the paper: resize, center-crop, pixels in [0,1].
 
-The same geometry as OpenCLIP's eval transform (torchvision ``Resize(int)`` +
-``CenterCrop``) without the mean/std step, which lives inside the encoder.
-PIL images go through Pillow (as OpenCLIP does); tensors through
+Two geometries, both as torchvision/OpenCLIP compute them, without the mean/std step
+(it lives inside the encoder):
+
+* resize the short side to ``resize`` and center-crop ``image_size`` (``Resize(int)`` +
+  ``CenterCrop``; OpenCLIP's eval transform; the authors' ConvNeXt protocol is 256 -> 224);
+* ``crop=False``: resize both sides to ``image_size`` without a crop (``Resize((S, S))``, aspect
+  not kept), as the authors' NIGHTS-fine-tuned MLP/LoRA models and their BAPPS upsampling use.
+
+PIL images go through Pillow (as torchvision does for PIL input); tensors through
 ``torch.nn.functional.interpolate`` with antialiasing.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
@@ -18,6 +25,7 @@ from PIL import Image
 from ..errors import BadInputError
 
 _RANGE_TOLERANCE = 1e-4
+INTERPOLATIONS = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
 
 
 def _resized_size(width: int, height: int, size: int) -> tuple[int, int]:
@@ -34,21 +42,59 @@ def _crop_box(width: int, height: int, size: int) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class Preprocess:
-    """Resize-short-side + center-crop to ``image_size``, bicubic.
+    """The geometry from an image to the model's (3, S, S) input.
+
+    Args:
+        image_size: S, the model's input size (the crop size).
+        resize: the short side before the crop (``None``: S). Ignored when ``crop`` is False.
+        crop: center-crop S after resizing the short side (True), or resize both sides to S (False).
+        interpolation: ``bicubic`` (the paper's models) or ``bilinear`` (the authors' BAPPS upsampling).
 
     >>> Preprocess(224).uint8(Image.new("RGB", (640, 480))).shape
     torch.Size([3, 224, 224])
+    >>> Preprocess(224, resize=256).describe()
+    'resize short side 256 (bicubic), center-crop 224'
     """
 
     image_size: int
+    resize: Optional[int] = None
+    crop: bool = True
+    interpolation: str = "bicubic"
+
+    def __post_init__(self):
+        if self.interpolation not in INTERPOLATIONS:
+            raise BadInputError(f"unknown interpolation '{self.interpolation}'; use bicubic or bilinear.")
+        if self.image_size < 1 or (self.resize is not None and self.resize < 1):
+            raise BadInputError(f"image sizes must be positive; got resize {self.resize}, crop {self.image_size}.")
+        if self.crop and self.resize is not None and self.resize < self.image_size:
+            raise BadInputError(f"the crop ({self.image_size}) cannot be larger than the resized short side "
+                                f"({self.resize}).")
+
+    @property
+    def short_side(self) -> int:
+        """The short side after resizing (S when there is no separate resize)."""
+        return self.image_size if self.resize is None or not self.crop else self.resize
+
+    def describe(self) -> str:
+        """One line for humans and results files."""
+        if not self.crop:
+            return f"resize to {self.image_size}x{self.image_size} ({self.interpolation}), no crop"
+        return f"resize short side {self.short_side} ({self.interpolation}), center-crop {self.image_size}"
+
+    def as_dict(self) -> dict:
+        """The settings as a JSON-ready dict (results documents)."""
+        return {"resize": self.short_side, "crop": self.image_size if self.crop else None,
+                "interpolation": self.interpolation}
 
     def pil(self, img: Image.Image) -> Image.Image:
         """Resize and crop an RGB PIL image to image_size x image_size."""
-        size = self.image_size
-        if img.size != (size, size):
-            new_w, new_h = _resized_size(*img.size, size)
-            if (new_w, new_h) != img.size:
-                img = img.resize((new_w, new_h), Image.BICUBIC)
+        size, resample = self.image_size, INTERPOLATIONS[self.interpolation]
+        if not self.crop:
+            return img if img.size == (size, size) else img.resize((size, size), resample)
+        new_w, new_h = _resized_size(*img.size, self.short_side)
+        if (new_w, new_h) != img.size:
+            img = img.resize((new_w, new_h), resample)
+        if (new_w, new_h) != (size, size):
             left, top = _crop_box(new_w, new_h, size)
             img = img.crop((left, top, left + size, top + size))
         return img
@@ -66,7 +112,7 @@ class Preprocess:
         """Bring a (3,H,W) or (B,3,H,W) tensor to (B,3,S,S) float in [0,1].
 
         uint8 tensors are divided by 255; float tensors must already be in [0,1].
-        Other sizes are resized (short side, bicubic, antialiased) and center-cropped.
+        Other sizes go through the same geometry as files (antialiased interpolation).
 
         Raises:
             BadInputError: wrong shape or values outside [0,1].
@@ -76,8 +122,11 @@ class Preprocess:
         height, width = x.shape[-2:]
         if (height, width) == (size, size):
             return x
-        new_w, new_h = _resized_size(width, height, size)
-        x = F.interpolate(x, size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=True)
+        if not self.crop:
+            new_w, new_h = size, size
+        else:
+            new_w, new_h = _resized_size(width, height, self.short_side)
+        x = F.interpolate(x, size=(new_h, new_w), mode=self.interpolation, align_corners=False, antialias=True)
         left, top = _crop_box(new_w, new_h, size)
         return x[..., top:top + size, left:left + size].clamp_(0.0, 1.0)
 

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..io.preprocess import Preprocess
+
 
 class MLPHead(nn.Module):
     """One hidden layer with a residual connection: ``x + fc2(relu(fc1(x)))``.
@@ -45,14 +47,20 @@ class PixelEncoder(nn.Module):
         mean, std: per-channel normalisation from the model's config.
         image_size: the square input size S the backbone expects.
         head: optional module on top of the features (MLP head, ...); identity if None.
+        preprocess: how files are brought to S x S for this model (resize, crop,
+            interpolation); default: short side to S, center-crop S, bicubic.
     """
 
     def __init__(self, backbone: nn.Module, mean: Sequence[float], std: Sequence[float],
-                 image_size: int, head: nn.Module | None = None):
+                 image_size: int, head: nn.Module | None = None, preprocess: Preprocess | None = None):
         super().__init__()
         self.backbone = backbone
         self.head = head if head is not None else nn.Identity()
         self.image_size = int(image_size)
+        self.preprocess = preprocess if preprocess is not None else Preprocess(self.image_size)
+        if self.preprocess.image_size != self.image_size:
+            raise ValueError(f"preprocess makes {self.preprocess.image_size} px inputs, the encoder takes "
+                             f"{self.image_size} px.")
         self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
 

@@ -21,8 +21,9 @@ import torch
 from torch import nn
 
 from . import hub
+from ..io.preprocess import Preprocess
 from .encoder import PixelEncoder, TextEncoder
-from ..errors import ModelFormatError, ModelUnavailableError
+from ..errors import BadInputError, ModelFormatError, ModelUnavailableError
 from .naming import ModelRef
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -40,6 +41,7 @@ class ModelSource:
     revision: str | None = None
     weights: str | None = None
     zoo: str | None = None
+    pooling: str | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -98,23 +100,28 @@ def _square_size(size, where: str) -> int:
     return int(size)
 
 
-def _build_open_clip(root: Path | None, arch: str | None) -> tuple[nn.Module, dict]:
-    """(CLIP model without weights, its preprocess cfg) from a directory's config or an arch name."""
+def _build_open_clip(root: Path | None, arch: str | None, quick_gelu: bool = False) -> tuple[nn.Module, dict]:
+    """(CLIP model without weights, its preprocess cfg) from a directory's config or an arch name.
+
+    ``quick_gelu`` builds QuickGELU activations whatever the config says (OpenAI-derived weights).
+    """
     import open_clip
 
     name = f"local-dir:{root}" if root is not None else arch
     try:
         with _quiet_logging():
-            model = open_clip.create_model(name, pretrained=None, load_weights=False, pretrained_text=False)
+            model = open_clip.create_model(name, pretrained=None, load_weights=False, pretrained_text=False,
+                                           force_quick_gelu=quick_gelu)
     except Exception as exc:  # open_clip raises RuntimeError/ValueError/KeyError for bad configs
         raise ModelFormatError(f"cannot build OpenCLIP model from {root or arch}: {exc}") from exc
     return model, open_clip.get_model_preprocess_cfg(model)
 
 
-def _load_open_clip(files: hub.ModelFiles, keep: Optional[dict] = None) -> tuple[nn.Module, tuple, tuple, int]:
+def _load_open_clip(files: hub.ModelFiles, keep: Optional[dict] = None,
+                    quick_gelu: bool = False) -> tuple[nn.Module, tuple, tuple, int]:
     import open_clip
 
-    model, pp = _build_open_clip(files.root if files.config_path else None, files.arch)
+    model, pp = _build_open_clip(files.root if files.config_path else None, files.arch, quick_gelu)
     if keep is not None:  # the caller wants the text tower too
         keep["model"] = model
         keep["tokenizer"] = f"local-dir:{files.root}" if files.config_path else files.arch
@@ -141,7 +148,9 @@ def _load_open_clip_checkpoint(arch: str, checkpoint: Path) -> tuple[nn.Module, 
     return model.visual, tuple(pp["mean"]), tuple(pp["std"]), _square_size(pp["size"], arch)
 
 
-def _load_timm(files: hub.ModelFiles, keep: Optional[dict] = None) -> tuple[nn.Module, tuple, tuple, int]:
+def _load_timm(files: hub.ModelFiles, keep: Optional[dict] = None,
+               pooling: Optional[str] = None) -> tuple[nn.Module, tuple, tuple, int, Optional[str]]:
+    """(model, mean, std, size, pooling in force) of a timm model; ``keep`` is unused (no text tower)."""
     import timm
 
     cfg = files.read_config()
@@ -162,8 +171,83 @@ def _load_timm(files: hub.ModelFiles, keep: Optional[dict] = None) -> tuple[nn.M
     except RuntimeError as exc:
         raise ModelFormatError(f"weights {files.weights_path} do not fit '{arch}': "
                                f"{str(exc).splitlines()[0]}") from exc
+    pooling = set_vit_pooling(model, pooling, arch)
     size = _square_size(pretrained.get("input_size", (3, 224, 224)), str(files.config_path))
-    return model, tuple(pretrained.get("mean", IMAGENET_MEAN)), tuple(pretrained.get("std", IMAGENET_STD)), size
+    mean, std = pretrained.get("mean", IMAGENET_MEAN), pretrained.get("std", IMAGENET_STD)
+    return model, tuple(mean), tuple(std), size, pooling
+
+
+# How a timm ViT's tokens become the embedding.
+POOLINGS = {
+    "cls_prenorm": "the class token after the last block, before the final LayerNorm (DreamSim's DINO features)",
+    "token": "timm's own output: the class token after the final LayerNorm",
+}
+
+
+def set_vit_pooling(model: nn.Module, pooling: Optional[str], arch: str) -> Optional[str]:
+    """Make a timm ViT return the embedding ``pooling`` names; returns the pooling in force.
+
+    ``None`` keeps timm's own pooling (reported as its ``global_pool``; None for non-ViTs).
+    ``cls_prenorm`` replaces the final ``norm`` by an identity, so ``forward`` returns the
+    last block's class token (only for ViTs that pool the class token without an ``fc_norm``).
+
+    Raises:
+        BadInputError: an unknown pooling, or one the model cannot provide.
+    """
+    from timm.models.vision_transformer import VisionTransformer
+
+    is_vit = isinstance(model, VisionTransformer)
+    if pooling is None:
+        return (getattr(model, "global_pool", None) or None) if is_vit else None
+    check_pooling(pooling)
+    pools_token = (is_vit and model.global_pool == "token" and model.has_class_token
+                   and getattr(model, "attn_pool", None) is None and isinstance(model.fc_norm, nn.Identity)
+                   and isinstance(model.head, nn.Identity))
+    if not pools_token:
+        what = f"pools '{model.global_pool}'" if is_vit else f"is a {type(model).__name__}, not a timm ViT"
+        raise BadInputError(f"pooling '{pooling}' needs a timm ViT that pools its class token; '{arch}' {what}.",
+                            "Leave the pooling at the model's default.")
+    if pooling == "cls_prenorm":
+        model.norm = nn.Identity()
+    return pooling
+
+
+def check_pooling(pooling: Optional[str]) -> None:
+    """Raise BadInputError unless ``pooling`` is None or one of :data:`POOLINGS`."""
+    if pooling is not None and pooling not in POOLINGS:
+        raise BadInputError(f"unknown pooling '{pooling}'; use one of: {', '.join(POOLINGS)}.")
+
+
+def _needs_quick_gelu(ref: ModelRef) -> bool:
+    """A zoo entry derived from OpenAI's CLIP (its architecture is a ``-quickgelu`` one)."""
+    return bool(ref.spec and ref.spec.arch and "quickgelu" in ref.spec.arch.lower())
+
+
+def _check_quick_gelu(visual: nn.Module, ref: ModelRef, where: str) -> None:
+    """Refuse a zoo entry whose built-in architecture uses QuickGELU but whose model was built without it.
+
+    OpenAI's CLIP (and the robust ViT-L/14 models fine-tuned from it) use QuickGELU; the same
+    weights run with GELU give wrong embeddings without any error. Such entries are built with
+    QuickGELU forced (a Hub config may omit ``quick_gelu``); this check is the safety net.
+
+    Raises:
+        ModelFormatError: the vision tower's MLP activations are not all QuickGELU.
+    """
+    spec = ref.spec
+    if not _needs_quick_gelu(ref):
+        return
+    from open_clip.transformer import QuickGELU
+
+    blocks = getattr(getattr(visual, "transformer", None), "resblocks", None) or []
+    acts = [getattr(getattr(block, "mlp", None), "gelu", None) for block in blocks]
+    if acts and all(isinstance(act, QuickGELU) for act in acts):
+        return
+    found = type(acts[0]).__name__ if acts else "no transformer blocks"
+    raise ModelFormatError(
+        f"{where} builds the vision tower of '{spec.name}' with {found}, but {spec.backbone} models derived "
+        "from OpenAI's CLIP need QuickGELU; its weights would give wrong embeddings.",
+        f'Add "quick_gelu": true to "model_cfg" in its open_clip_config.json, or load the weights with '
+        f"--model {spec.arch} --checkpoint FILE.")
 
 
 def resolve_files(ref: ModelRef, local_only: bool = False, refresh: bool = False) -> hub.ModelFiles:
@@ -177,38 +261,55 @@ def resolve_files(ref: ModelRef, local_only: bool = False, refresh: bool = False
 
 
 def load_encoder(ref: ModelRef, device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32) -> tuple[PixelEncoder, ModelSource]:
+                 dtype: torch.dtype = torch.float32, **options) -> tuple[PixelEncoder, ModelSource]:
     """Load the model ``ref`` names as an eval-mode, frozen PixelEncoder on ``device``.
 
     Raises:
         ModelUnavailableError: Hub model neither cached nor reachable.
         ModelFormatError: files that are not a model percept can read.
     """
-    encoder, source, _ = load_encoder_and_text(ref, device, dtype, with_text=False)
+    encoder, source, _ = load_encoder_and_text(ref, device, dtype, with_text=False, **options)
     return encoder, source
 
 
 def load_encoder_and_text(ref: ModelRef, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                          with_text: bool = True) -> tuple[PixelEncoder, ModelSource, Optional[TextEncoder]]:
+                          with_text: bool = True, *, resize: Optional[int] = None, crop: Optional[int] = None,
+                          pooling: Optional[str] = None
+                          ) -> tuple[PixelEncoder, ModelSource, Optional[TextEncoder]]:
     """:func:`load_encoder`, plus the CLIP text tower (None for vision-only models or when not asked).
 
     A visual-encoder checkpoint (``--checkpoint``) has no trained text tower: None as well.
+    ``resize``/``crop`` override the preprocessing geometry (see :func:`input_geometry`);
+    ``pooling`` overrides how a timm ViT's tokens become the embedding (a key of :data:`POOLINGS`;
+    default: the zoo entry's, else timm's own).
+
+    Raises:
+        BadInputError: an unknown pooling, or a pooling for a model that cannot provide it.
     """
     zoo = ref.spec.name if ref.spec else None
+    check_pooling(pooling)
+    if pooling is None and ref.spec is not None:
+        pooling = ref.spec.pooling
     keep: Optional[dict] = {} if with_text else None
     if ref.kind == "checkpoint":
+        _refuse_pooling(pooling, ref.name)
         backbone, mean, std, size = _load_open_clip_checkpoint(ref.identifier, ref.checkpoint)
+        _check_quick_gelu(backbone, ref, f"architecture '{ref.identifier}'")
         source = ModelSource(ref.name, "checkpoint", ref.identifier, hub.OPEN_CLIP,
                              weights=str(ref.checkpoint), zoo=zoo)
     else:
         files = resolve_files(ref)
-        loader = _load_open_clip if files.family == hub.OPEN_CLIP else _load_timm
-        backbone, mean, std, size = loader(files, keep)
+        if files.family == hub.OPEN_CLIP:
+            _refuse_pooling(pooling, ref.name)
+            backbone, mean, std, size = _load_open_clip(files, keep, quick_gelu=_needs_quick_gelu(ref))
+            _check_quick_gelu(backbone, ref, str(files.config_path or f"OpenCLIP built-in '{files.arch}'"))
+        else:
+            backbone, mean, std, size, pooling = _load_timm(files, keep, pooling)
         source = ModelSource(ref.name, ref.kind, files.repo_id or str(files.root), files.family,
-                             revision=files.revision, weights=str(files.weights_path), zoo=zoo)
-    if ref.spec is not None and ref.spec.image_size:
-        size = ref.spec.image_size
-    encoder = PixelEncoder(backbone, mean, std, size)
+                             revision=files.revision, weights=str(files.weights_path), zoo=zoo,
+                             pooling=pooling)
+    preprocess = input_geometry(ref, size, resize, crop)
+    encoder = PixelEncoder(backbone, mean, std, preprocess.image_size, preprocess=preprocess)
     encoder.eval().requires_grad_(False)
     encoder.to(device)
     encoder.set_compute_dtype(dtype)
@@ -220,6 +321,42 @@ def load_encoder_and_text(ref: ModelRef, device: torch.device | str = "cpu", dty
             tokenizer = open_clip.get_tokenizer(keep["tokenizer"])
         text = TextEncoder(keep["model"], tokenizer).eval().requires_grad_(False).to(device)
     return encoder, source, text
+
+
+def _refuse_pooling(pooling: Optional[str], name: str) -> None:
+    if pooling is not None:
+        raise BadInputError(f"pooling '{pooling}' applies to timm ViTs; '{name}' is an OpenCLIP model, "
+                            "whose visual tower pools its own way.")
+
+
+NO_CROP = 0
+
+
+def input_geometry(ref: ModelRef, config_size: int, resize: Optional[int] = None,
+                   crop: Optional[int] = None) -> Preprocess:
+    """The preprocessing of a model: the zoo entry's (resize, crop), else the config's size, then overrides.
+
+    Args:
+        config_size: the input size the model's own config states (used when the zoo has none).
+        resize: override of the short side before the crop (or of both sides without a crop).
+        crop: override of the crop size; ``NO_CROP`` (0) resizes both sides to ``resize`` without a crop.
+
+    Raises:
+        BadInputError: a crop larger than the resized image, or a non-positive size.
+    """
+    spec = ref.spec
+    base_resize, base_crop = config_size, config_size
+    if spec is not None and spec.resize is not None:
+        base_resize, base_crop = spec.resize, (spec.crop if spec.crop is not None else NO_CROP)
+    new_resize = base_resize if resize is None else int(resize)
+    if crop is None:
+        # a new resize alone keeps the model's crop, unless the crop would exceed it
+        new_crop = base_crop if resize is None or base_crop == NO_CROP or base_crop <= new_resize else new_resize
+    else:
+        new_crop = int(crop)
+    if new_crop == NO_CROP:
+        return Preprocess(new_resize, crop=False)
+    return Preprocess(new_crop, resize=new_resize)
 
 
 def describe_model(name: str, checkpoint: str | Path | None = None) -> dict:
@@ -235,7 +372,9 @@ def describe_model(name: str, checkpoint: str | Path | None = None) -> dict:
     info = {"name": name, "zoo": spec.name if spec else None, "kind": ref.kind, "source": ref.identifier,
             "family": spec.family if spec else None, "label": spec.label if spec else None,
             "backbone": spec.backbone if spec else None, "method": spec.method if spec else None,
-            "image_size": spec.image_size if spec else None, "reference": spec.reference if spec else None,
+            "image_size": spec.image_size if spec else None,
+            "preprocess": ({"resize": spec.resize, "crop": spec.crop} if spec else None),
+            "pooling": spec.pooling if spec else None, "reference": spec.reference if spec else None,
             "nights": asdict(spec.nights) if spec else None}
     if ref.kind == "checkpoint":
         return {**info, "present": True, "path": str(ref.checkpoint), "revision": None}
@@ -258,7 +397,6 @@ def describe_model(name: str, checkpoint: str | Path | None = None) -> dict:
 def download_model(name: str) -> hub.ModelFiles:
     """Fetch a Hub model's config and weights into the Hugging Face cache, asking the Hub for the
     newest revision (offline: the cached snapshot, if any)."""
-    from ..errors import BadInputError
     from .naming import parse_model_name
 
     ref = parse_model_name(name)
