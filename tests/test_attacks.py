@@ -8,6 +8,8 @@ a gradient-free attack, and a model whose gradients are masked.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from hypothesis import given, settings as hsettings, strategies as st
@@ -17,6 +19,7 @@ from percept_cli import load_metric
 from percept_cli.attacks import (AttackSettings, TwoAFCObjective, UntargetedEmbeddingObjective, apgd, attack_2afc,
                                  attack_embedding, lp_norm, pgd, square)
 from percept_cli.attacks.core import evaluate
+from percept_cli.attacks.tasks import attack_2afc_embedded
 from percept_cli.attacks.threat import random_start
 from percept_cli.models.encoder import PixelEncoder
 from percept_cli.metric import PerceptualMetric
@@ -236,3 +239,76 @@ def test_results_stay_in_ball_and_box(batch, side, norm, eps, attack, seed):
     assert float(result.x_adv.min()) >= 0.0 and float(result.x_adv.max()) <= 1.0
     assert bool((lp_norm(result.x_adv - x, norm) <= eps * (1 + 1e-5) + TOL).all())
     assert not result.x_adv.requires_grad and result.x_adv.grad_fn is None
+
+
+# -- low-precision attacks: the fp32 verdict, and how often it overruled the attack ---------------------
+_EPS_DIR = 3 * 2 ** -10  # rounds away in bf16 (8 significant bits: 1 + 3/1024 -> 1), not in fp32
+
+
+class _RoundedDirection(nn.Module):
+    """Embedding (m, m·(1 + 3/1024)) of the mean pixel m: 45° + ~1.5e-3 rad in fp32, but exactly 45°
+    under bf16 autocast, where the weight 1 + 3/1024 rounds to 1. No perturbation changes the direction."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(1, 2, bias=False)
+        with torch.no_grad():
+            self.linear.weight.copy_(torch.tensor([[1.0], [1.0 + _EPS_DIR]]))
+
+    def forward(self, x):
+        return self.linear(x.mean(dim=(1, 2, 3))[:, None])
+
+
+def _stub_metric(backbone: nn.Module, size: int) -> PerceptualMetric:
+    from percept_cli.models.loading import ModelSource
+
+    return PerceptualMetric(PixelEncoder(backbone, [0.0] * 3, [1.0] * 3, size).eval(),
+                            ModelSource("stub", "test", "-", "stub"))
+
+
+def test_points_broken_only_in_bf16_count_as_robust_and_are_reported():
+    metric = _stub_metric(_RoundedDirection(), 4)
+    unit = lambda a, b: nn.functional.normalize(torch.tensor([a, b]), dim=0)  # noqa: E731
+    # triplet 0: left at 45° + 2.9e-3 rad, right at 45° - 0.7e-3: fp32 (45° + 1.5e-3) picks left,
+    #            bf16 (45°) picks right -> the bf16 attack "breaks" it, fp32 does not
+    # triplet 1: left at the fp32 direction, right at 90°: both pick left (robust either way)
+    # triplet 2: as triplet 1 with label right: wrong before any attack (broken either way)
+    e_left = torch.stack([unit(1.0, 1 + 2 * _EPS_DIR), unit(1.0, 1 + _EPS_DIR), unit(1.0, 1 + _EPS_DIR)])
+    e_right = torch.stack([unit(1.0, 1 - _EPS_DIR / 2), unit(0.0, 1.0), unit(0.0, 1.0)])
+    label = torch.tensor([0, 0, 1])
+    ref = torch.rand(3, 3, 4, 4, generator=torch.Generator().manual_seed(0)) * 0.5 + 0.25
+    objective = TwoAFCObjective(metric.encoder, e_left, e_right, label)
+    assert evaluate(objective, ref, autocast_dtype=torch.bfloat16)[1].tolist() == [True, False, True]
+    assert evaluate(objective, ref)[1].tolist() == [False, False, True]  # the scenario is real
+    for dtype, low_only in ((torch.bfloat16, [True, False, False]), (None, [False, False, False])):
+        settings = AttackSettings(norm="linf", eps=1 / 255, iters=3, autocast_dtype=dtype, square_queries=20)
+        report = attack_2afc_embedded(metric, ref, e_left, e_right, label, settings)
+        assert report.robust_correct.tolist() == [True, True, False]  # the fp32 verdict
+        assert report.broken_low_precision_only.tolist() == low_only
+
+
+class _NegatedUnderAutocast(nn.Module):
+    """Channel means, negated under autocast: every low-precision decision is the opposite one."""
+
+    def forward(self, x):
+        feats = x.mean(dim=(2, 3))
+        return -feats if torch.is_autocast_enabled(x.device.type) else feats
+
+
+@pytest.mark.parametrize("dtype, expected", [("bf16", 1), ("fp32", 0)])
+def test_attack_2afc_json_counts_low_precision_only_breaks(image_dir, monkeypatch, dtype, expected):
+    from typer.testing import CliRunner
+
+    from percept_cli.cli.app import app
+
+    metric = _stub_metric(_NegatedUnderAutocast(), 8)
+    monkeypatch.setattr("percept_cli.metric.load_metric", lambda *a, **k: metric)
+    args = ["attack", "2afc", "--ref", image_dir / "a.png", "--left", image_dir / "b.png", "--right",
+            image_dir / "c.png", "--eps", "0.0001", "--iters", "2", "--dtype", dtype, "--device", "cpu"]
+    result = CliRunner().invoke(app, [str(a) for a in args + ["--json"]])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["robust_correct"] is True and doc["flipped"] is False  # fp32: the tiny ball changes nothing
+    assert doc["broken_low_precision_only"] == expected
+    text = CliRunner().invoke(app, [str(a) for a in args]).output
+    assert ("fp32 re-check did not" in text) == bool(expected)

@@ -1,11 +1,10 @@
-"""Threat-model helpers: eps/norm parsing, projection, 8-bit saving, the APGD schedule."""
+"""Threat-model helpers: eps/norm parsing, projection, 8-bit saving (APGD's schedule: test_apgd.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from percept_cli.attacks.apgd import checkpoints
 from percept_cli.attacks.threat import (format_eps, lp_norm, parse_eps, parse_norm, project,
                                         quantize_into_ball)
 from percept_cli.errors import BadInputError
@@ -28,13 +27,6 @@ def test_norms_and_format():
     with pytest.raises(BadInputError, match="unknown norm"):
         parse_norm("l1")
     assert format_eps(4 / 255, "linf") == "4/255" and format_eps(3.0, "l2") == "3"
-
-
-def test_checkpoint_schedule_matches_the_paper():
-    # p: 0.22, 0.41, 0.57, 0.70, 0.80, 0.87, 0.93, 0.99 (decrements 0.19, 0.16, ... floored at 0.06)
-    assert checkpoints(100) == [22, 41, 57, 70, 80, 87, 93, 99]
-    assert checkpoints(10) == [3, 5, 6, 7, 8, 9, 10]
-    assert all(0 < w <= 7 for w in checkpoints(7))
 
 
 @pytest.mark.parametrize("norm, eps", [("linf", 4 / 255), ("l2", 0.5)])

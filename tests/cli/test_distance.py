@@ -134,3 +134,27 @@ def test_zoo_model_from_offline_cache(offline_hub, image_dir):
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
     assert doc["model"]["zoo"] == "rclip-f-convnext-b" and len(doc["model"]["revision"]) == 40
+
+
+def test_resize_and_crop_overrides_change_what_the_model_sees(model_args, image_dir, tiny_vit):
+    from percept_cli import load_metric
+
+    a, b = image_dir / "a.png", image_dir / "b.png"  # 96x64 pictures: the geometry matters
+    size = load_metric(str(tiny_vit[0]), device="cpu").image_size
+    default = json.loads(run("distance", a, b, *model_args, "--json").stdout)
+    wider = run("distance", a, b, *model_args, "--resize", size + 16, "--json")
+    assert wider.exit_code == 0, wider.output
+    doc = json.loads(wider.stdout)
+    assert doc["preprocess"] == {"resize": size + 16, "crop": size, "interpolation": "bicubic"}
+    expected = float(load_metric(str(tiny_vit[0]), device="cpu", resize=size + 16).distance(str(a), str(b))[0])
+    assert doc["results"][0]["distance"] == pytest.approx(expected, abs=1e-5)
+    assert doc["results"][0]["distance"] != pytest.approx(default["results"][0]["distance"], abs=1e-6)
+    squash = json.loads(run("distance", a, b, *model_args, "--crop", "none", "--json").stdout)
+    assert squash["preprocess"]["crop"] is None and squash["preprocess"]["resize"] == size
+
+
+@pytest.mark.parametrize("options", [["--crop", "big"], ["--resize", "8", "--crop", "32"], ["--pooling", "mean"]])
+def test_bad_geometry_options_exit_2(model_args, image_dir, options):
+    result = run("distance", image_dir / "a.png", image_dir / "b.png", *model_args, *options)
+    assert result.exit_code == 2, result.output
+    assert result.output.count("error:") == 1

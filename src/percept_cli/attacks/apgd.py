@@ -1,18 +1,23 @@
 """Auto-PGD (APGD), written from Croce & Hein, "Reliable evaluation of adversarial robustness
-with an ensemble of diverse parameter-free attacks", ICML 2020 (Algorithm 1, Sec. 3).
+with an ensemble of diverse parameter-free attacks", ICML 2020 (Algorithm 1, Sec. 3), with the
+checkpoint schedule and halving rule exactly as the authors' auto-attack package applies them.
 
 * step size starts at 2·eps (l_inf and l2), one per example;
 * momentum alpha = 0.75: x(k+1) = P(x(k) + alpha (z(k+1) - x(k)) + (1 - alpha)(x(k) - x(k-1))),
-  with z(k+1) = P(x(k) + eta(k) * ascent direction);
-* checkpoints w_j = ceil(p_j N), p_0 = 0, p_1 = 0.22, p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06);
+  with z(k+1) = P(x(k) + eta(k) * ascent direction); the first step has no momentum;
+* checkpoints: the first after int(0.22 N) iterations, then intervals shrinking by int(0.03 N)
+  down to int(0.06 N) (each at least 1), see :func:`checkpoints`;
 * at a checkpoint the step size of an example is halved, and it restarts from its best point, if
-  (1) fewer than rho = 0.75 of the steps since the last checkpoint increased its loss, or
-  (2) its step size was not reduced at the last checkpoint and its best loss has not improved since.
+  (1) at most rho = 0.75 of the k iterations since the last checkpoint increased its loss
+      (each loss compared with the previous iterate's, the first with the start's, where
+      auto-attack compares with 0, an artefact of its loss buffer; after a restart, with the loss
+      of the iterate before the restart), or
+  (2) its step size was not reduced at the last checkpoint and its best loss has not improved
+      since (the start counts as "reduced", so (2) cannot fire at the first checkpoint).
 """
 
 from __future__ import annotations
 
-import math
 from typing import Callable, Optional
 
 import torch
@@ -22,23 +27,44 @@ from .threat import ascent_direction, project
 
 MOMENTUM = 0.75
 RHO = 0.75
-P1, P_DECAY, P_MIN = 0.22, 0.03, 0.06
+FIRST, DECREMENT, SHORTEST = 0.22, 0.03, 0.06  # fractions of N, truncated as auto-attack does
 
 
 def checkpoints(n_iter: int) -> list[int]:
-    """The iterations w_j = ceil(p_j N) (j >= 1) at which step sizes are reconsidered.
+    """The iteration counts (1-based) after which step sizes are reconsidered, for ``n_iter`` iterations.
+
+    The first interval is ``max(int(0.22 N), 1)`` iterations; each next one is ``max(int(0.03 N), 1)``
+    shorter, but never shorter than ``max(int(0.06 N), 1)`` (auto-attack's ``n_iter_2``,
+    ``size_decr``, ``n_iter_min``).
 
     >>> checkpoints(100)
     [22, 41, 57, 70, 80, 87, 93, 99]
     """
-    p_prev, p = 0.0, P1
-    points = []
-    while p <= 1.0:
-        w = math.ceil(p * n_iter - 1e-9)
-        if 0 < w <= n_iter and (not points or w > points[-1]):
-            points.append(w)
-        p_prev, p = p, p + max(p - p_prev - P_DECAY, P_MIN)
+    length = max(int(FIRST * n_iter), 1)
+    shortest, decrement = max(int(SHORTEST * n_iter), 1), max(int(DECREMENT * n_iter), 1)
+    points, at = [], length
+    while at <= n_iter:
+        points.append(at)
+        length = max(length - decrement, shortest)
+        at += length
     return points
+
+
+def halve_step(increases: torch.Tensor, length: int, reduced_last: torch.Tensor, loss_best: torch.Tensor,
+               loss_best_last: torch.Tensor) -> torch.Tensor:
+    """Per example, whether a checkpoint halves the step (and restarts from the best point).
+
+    Args:
+        increases: how many of the ``length`` iterations since the last checkpoint increased the loss.
+        reduced_last: whether the step was halved at the last checkpoint (True before the first).
+        loss_best, loss_best_last: the best loss now and at the last checkpoint.
+    Returns:
+        bool tensor: condition (1) ``increases <= 0.75·length`` or condition (2)
+        ``not reduced_last and loss_best <= loss_best_last``.
+    """
+    oscillating = increases <= RHO * length
+    stalled = ~reduced_last & (loss_best <= loss_best_last)
+    return oscillating | stalled
 
 
 class _State:
@@ -52,7 +78,7 @@ class _State:
         self.step = torch.full_like(loss, 2.0 * eps if step is None else step)
         self.count = torch.zeros_like(loss)
         self.loss_best_ckpt = loss.clone()
-        self.reduced_ckpt = torch.zeros_like(loss, dtype=torch.bool)
+        self.reduced_ckpt = torch.ones_like(loss, dtype=torch.bool)
         self.ever = broken.clone() if broken is not None else None
         self.x_succ = x_adv.clone()
 
@@ -134,16 +160,18 @@ def apgd_run(objective, x: torch.Tensor, index: torch.Tensor, x_init: torch.Tens
     return AttackResult(out_x, out_loss, out_broken, evaluations)
 
 
-def _checkpoint(s: _State, height: int) -> None:
-    """Halve the step and restart from the best point where conditions (1) or (2) hold."""
-    cond1 = s.count < RHO * height
-    cond2 = ~s.reduced_ckpt & (s.loss_best <= s.loss_best_ckpt)
-    reduce = cond1 | cond2
+def _checkpoint(s: _State, length: int) -> None:
+    """Halve the step and restart from the best point where :func:`halve_step` says so.
+
+    ``s.loss`` (what the next iteration's loss is compared with) stays the loss of the iterate
+    before the restart, as in auto-attack; the momentum term then points from the iterate before
+    that one to the best point.
+    """
+    reduce = halve_step(s.count, length, s.reduced_ckpt, s.loss_best, s.loss_best_ckpt)
     s.step = torch.where(reduce, s.step / 2, s.step)
     mask = _bcast(reduce, s.x_adv)
     s.x_adv = torch.where(mask, s.x_best, s.x_adv)
     s.grad = torch.where(mask, s.grad_best, s.grad)
-    s.loss = torch.where(reduce, s.loss_best, s.loss)
     s.reduced_ckpt = reduce
     s.loss_best_ckpt = s.loss_best.clone()
     s.count.zero_()

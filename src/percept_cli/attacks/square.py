@@ -8,6 +8,11 @@ perturbation inside one random square window and keeps the change if the loss go
 * l2: initialised with a grid of +-"pseudo-Gaussian" tiles scaled to norm eps; a query moves the
   budget of two windows into one new "meta-square" pattern (the paper's Algorithm 3).
 * The window covers a fraction p of the image, halved on the paper's query schedule.
+
+``square()`` called directly defaults to the Square paper's ImageNet values p_init = 0.05 (l_inf)
+and 0.1 (l2). The gradient-masking check of the 2AFC tasks (:mod:`.tasks`) instead uses the
+robustness-evaluation setting of the perceptual-metrics paper and auto-attack: p_init = 0.8 for
+both norms, margin loss, 5,000 queries.
 """
 
 from __future__ import annotations
@@ -122,7 +127,10 @@ def square(objective, x: torch.Tensor, eps: float, norm: str = "linf", n_queries
            progress: Optional[Callable[[int], None]] = None) -> AttackResult:
     """Square Attack on a batch ``x`` (B,C,H,W) in [0,1]; ``n_queries`` loss evaluations per example.
 
-    Points already broken stop querying when ``early_stop`` (the default: it is a success attack).
+    ``p_init``: the window's initial fraction of the image (None: ``P_INIT[norm]``, the Square
+    paper's ImageNet values). Points already broken stop querying when ``early_stop`` (the
+    default: it is a success attack). Returns an :class:`AttackResult` (``evaluations`` counts
+    the initial evaluation and every query).
     """
     generator = torch.Generator(device=x.device).manual_seed(int(seed))
     p_init = P_INIT[norm] if p_init is None else p_init

@@ -21,13 +21,20 @@ from .objectives import (DistanceObjective, TargetedEmbeddingObjective, TwoAFCOb
 from .square import square
 from .threat import lp_norm, quantize_into_ball
 
+# The paper's gradient-masking check: Square Attack with margin loss, p_init 0.8, 5,000 queries
+# (auto-attack's settings), on the points APGD left unbroken.
+SQUARE_QUERIES = 5000
+SQUARE_P_INIT = 0.8
+
 
 @dataclass
 class AttackSettings:
     """One threat model and attack budget.
 
     ``autocast_dtype`` (e.g. torch.bfloat16 on a GPU) speeds up the attack's forward/backward;
-    ``square_queries`` > 0 runs Square Attack on the points APGD left unbroken.
+    ``square_queries`` > 0 runs Square Attack (margin loss, window fraction ``square_p_init``) with
+    that many queries on the points APGD left unbroken; the paper's check is
+    ``square_queries=SQUARE_QUERIES`` (5000) with the default ``square_p_init`` 0.8.
     """
 
     norm: str = "linf"
@@ -39,10 +46,13 @@ class AttackSettings:
     loss: str = "ce"
     autocast_dtype: Optional[torch.dtype] = None
     square_queries: int = 0
+    square_p_init: float = SQUARE_P_INIT
 
     def __post_init__(self):
         if self.iters < 1 or self.restarts < 1:
             raise BadInputError("--iters and --restarts must be at least 1.")
+        if self.square_queries < 0 or not 0 < self.square_p_init <= 1:
+            raise BadInputError("Square Attack needs queries >= 0 and 0 < p_init <= 1.")
         if self.eps <= 0:
             raise BadInputError(f"eps must be positive; got {self.eps}.")
 
@@ -55,7 +65,12 @@ def _embed_fixed(metric, pixels: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class TwoAFCReport:
-    """Per-triplet outcome of an attack on the reference image (all tensors have batch size B)."""
+    """Per-triplet outcome of an attack on the reference image (all tensors have batch size B).
+
+    ``robust_correct`` is the fp32 verdict. ``broken_low_precision_only`` marks triplets the attack
+    broke by its own (autocast, e.g. bf16) measurement but the fp32 re-check did not: they count as
+    robust, so a bf16 attack can understate the attack's strength (all False for fp32 attacks).
+    """
 
     label: torch.Tensor
     clean_similarity: torch.Tensor
@@ -66,6 +81,7 @@ class TwoAFCReport:
     perturbation_norm: torch.Tensor
     found_by_square: Optional[torch.Tensor] = None
     evaluations: int = 0
+    broken_low_precision_only: Optional[torch.Tensor] = None
 
     @property
     def flipped(self) -> torch.Tensor:
@@ -117,31 +133,50 @@ def attack_2afc_embedded(metric, ref: torch.Tensor, e_left: torch.Tensor, e_righ
                   random_start=settings.random_start, seed=settings.seed, early_stop=early_stop,
                   autocast_dtype=settings.autocast_dtype, progress=progress, example_ids=example_ids)
     x_adv, evaluations = result.x_adv, result.evaluations
+    attack_said = result.broken.clone()  # the attack's own (possibly autocast) success flags
     everyone = torch.arange(len(ref), device=device)
     with torch.no_grad():  # the fp32 verdict, and the similarities it rests on, from one forward pass
         e_adv = objective.embed(x_adv)
     _, broken = objective.score(e_adv, everyone)
     found_by_square = None
     if settings.square_queries > 0:
-        margin_objective = TwoAFCObjective(metric.encoder, e_left, e_right, label, "margin")
-        remaining = (~broken).nonzero().flatten()
-        found_by_square = torch.zeros_like(broken)
-        if remaining.numel():
-            sq = square(_Subset(margin_objective, remaining), ref[remaining], settings.eps, settings.norm,
-                        settings.square_queries, seed=settings.seed, autocast_dtype=settings.autocast_dtype)
-            evaluations += sq.evaluations
-            _, sq_broken = evaluate(_Subset(margin_objective, remaining), sq.x_adv)
-            hits = remaining[sq_broken]
-            x_adv[hits] = sq.x_adv[sq_broken]
-            found_by_square[hits] = True
-            broken = broken | found_by_square
-            if hits.numel():
-                with torch.no_grad():
-                    e_adv[hits] = objective.embed(x_adv[hits])
+        found_by_square, evaluations = _square_check(metric, ref, e_left, e_right, label, settings, broken, x_adv,
+                                                     e_adv, attack_said, evaluations)
+        broken = broken | found_by_square
     adv_sim = twoafc_logits(e_adv, e_left, e_right)
     clean_correct = twoafc_margin(clean_sim, label) < 0
+    low_only = attack_said & ~broken
+    if settings.autocast_dtype in (None, torch.float32):
+        low_only = torch.zeros_like(broken)
     return TwoAFCReport(label, clean_sim, adv_sim, clean_correct, ~broken & clean_correct, x_adv,
-                        lp_norm(x_adv - ref, settings.norm), found_by_square, evaluations)
+                        lp_norm(x_adv - ref, settings.norm), found_by_square, evaluations, low_only)
+
+
+def _square_check(metric, ref, e_left, e_right, label, settings: AttackSettings, broken, x_adv, e_adv,
+                  attack_said, evaluations: int):
+    """Square Attack (margin loss) on the points not broken in fp32; fp32-confirmed hits go into
+    ``x_adv``/``e_adv`` in place, Square's own flags into ``attack_said``.
+
+    Returns:
+        (found_by_square (B,) bool, evaluations including Square's).
+    """
+    margin_objective = TwoAFCObjective(metric.encoder, e_left, e_right, label, "margin")
+    remaining = (~broken).nonzero().flatten()
+    found_by_square = torch.zeros_like(broken)
+    if remaining.numel() == 0:
+        return found_by_square, evaluations
+    subset = _Subset(margin_objective, remaining)
+    sq = square(subset, ref[remaining], settings.eps, settings.norm, settings.square_queries,
+                p_init=settings.square_p_init, seed=settings.seed, autocast_dtype=settings.autocast_dtype)
+    attack_said[remaining] |= sq.broken
+    _, sq_broken = evaluate(subset, sq.x_adv)
+    hits = remaining[sq_broken]
+    x_adv[hits] = sq.x_adv[sq_broken]
+    found_by_square[hits] = True
+    if hits.numel():
+        with torch.no_grad():
+            e_adv[hits] = margin_objective.embed(x_adv[hits])
+    return found_by_square, evaluations + sq.evaluations
 
 
 class _Subset:

@@ -9,8 +9,9 @@ import typer
 
 from ..models.zoo import DEFAULT_MODEL
 from .errors import handle_errors
-from .options import (AttackDtypeOpt, BatchSizeOpt, CheckpointOpt, Common, DeviceOpt, EpsOpt, ItersOpt, JsonOpt,
-                      ModelOpt, NormOpt, QuietOpt, RandomStartOpt, RestartsOpt, SeedOpt, attack_settings)
+from .options import (AttackDtypeOpt, BatchSizeOpt, CheckpointOpt, Common, CropOpt, DeviceOpt, EpsOpt, ItersOpt,
+                      JsonOpt, ModelOpt, NormOpt, PoolingOpt, QuietOpt, RandomStartOpt, ResizeOpt, RestartsOpt, SeedOpt,
+                      attack_settings)
 from .output import Output
 
 app = typer.Typer(help="Attack a 2AFC decision or an embedding with APGD (l_inf or l2).", no_args_is_help=True)
@@ -38,6 +39,7 @@ def _threat(settings) -> dict:
     return {"norm": settings.norm, "eps": settings.eps, "eps_text": format_eps(settings.eps, settings.norm),
             "iters": settings.iters, "restarts": settings.restarts, "random_start": settings.random_start,
             "seed": settings.seed, "loss": settings.loss, "square_queries": settings.square_queries,
+            "square_p_init": settings.square_p_init if settings.square_queries else None,
             "autocast": None if settings.autocast_dtype is None else str(settings.autocast_dtype).split(".")[-1]}
 
 
@@ -50,14 +52,16 @@ def attack_2afc_command(
     label: Annotated[Optional[str], typer.Option("--label", help="left | right: the correct candidate "
                                                  "(default: the model's own clean decision).")] = None,
     loss: Annotated[str, typer.Option("--loss", help="ce | margin.")] = "ce",
-    square_queries: Annotated[int, typer.Option("--square", min=0, help="Also run Square Attack with this many "
-                                                "queries (gradient-masking check).")] = 0,
+    square: Annotated[bool, typer.Option("--square", help="Also run Square Attack (margin loss, p_init 0.8) on a "
+                                         "point APGD left unbroken: the paper's gradient-masking check.")] = False,
+    square_queries: Annotated[int, typer.Option("--square-queries", min=1, help="Queries for --square (the paper: "
+                                                "5000).")] = 5000,
     out: OutOpt = None,
     norm: NormOpt = "linf", eps: EpsOpt = None, iters: ItersOpt = 100, restarts: RestartsOpt = 1,
     random_start: RandomStartOpt = True,
     model: ModelOpt = DEFAULT_MODEL, checkpoint: CheckpointOpt = None, device: DeviceOpt = "auto",
-    dtype: AttackDtypeOpt = "fp32", batch_size: BatchSizeOpt = 32, seed: SeedOpt = 0,
-    json: JsonOpt = False, quiet: QuietOpt = False,
+    dtype: AttackDtypeOpt = "fp32", batch_size: BatchSizeOpt = 32, resize: ResizeOpt = None, crop: CropOpt = None,
+    pooling: PoolingOpt = None, seed: SeedOpt = 0, json: JsonOpt = False, quiet: QuietOpt = False,
 ) -> None:
     """Flip a 2AFC decision: perturb REF so the other candidate looks closer."""
     import torch
@@ -71,8 +75,9 @@ def attack_2afc_command(
         raise BadInputError(f"--label must be left or right; got '{label}'.")
     if loss not in {"ce", "margin"}:
         raise BadInputError(f"--loss must be ce or margin; got '{loss}'.")
-    settings = attack_settings(norm, eps, iters, restarts, random_start, seed, dtype, loss, square_queries)
-    common = Common(model, checkpoint, device, "fp32", batch_size, None, seed, json, quiet)
+    settings = attack_settings(norm, eps, iters, restarts, random_start, seed, dtype, loss,
+                               square_queries if square else 0)
+    common = Common(model, checkpoint, device, "fp32", batch_size, None, seed, json, quiet, resize, crop, pooling)
     output = Output(json, quiet)
     metric = _prepare(common, output, [ref, left, right], out)
     pixels = metric.pixels([str(ref), str(left), str(right)])
@@ -93,7 +98,9 @@ def attack_2afc_command(
                                "decision": names[int(report.adv_similarity[0, 1] > report.adv_similarity[0, 0])]},
                "clean_correct": bool(report.clean_correct[0]), "robust_correct": bool(report.robust_correct[0]),
                "flipped": bool(report.flipped[0]), "perturbation_norm": float(report.perturbation_norm[0]),
-               "found_by_square": None if report.found_by_square is None else bool(report.found_by_square[0])}
+               "found_by_square": None if report.found_by_square is None else bool(report.found_by_square[0]),
+               "broken_low_precision_only": int(report.broken_low_precision_only.sum()),
+               "evaluations": report.evaluations}
     if out is not None:
         q, in_ball = save_ready(report.x_adv, pixels[0:1], settings.eps, settings.norm)
         save_png(out, q[0])
@@ -122,6 +129,9 @@ def _render_2afc(console, p: dict) -> None:
                   f" (budget {t['norm']} {t['eps_text']}, APGD {t['iters']} iters x {t['restarts']} restart(s))")
     if p.get("found_by_square"):
         console.print("warning: Square Attack broke this point where APGD did not (possible gradient masking).")
+    if p.get("broken_low_precision_only"):
+        console.print(f"note: the {t['autocast']} attack broke this decision but the fp32 re-check did not; "
+                      "it counts as held (a low-precision attack can understate the attack's strength).")
     if "saved" in p:
         s = p["saved"]
         effect = "the decision is still lost" if s["still_broken"] else "the model decides correctly again"
@@ -142,8 +152,8 @@ def attack_embed_command(
     norm: NormOpt = "linf", eps: EpsOpt = None, iters: ItersOpt = 100, restarts: RestartsOpt = 1,
     random_start: RandomStartOpt = True,
     model: ModelOpt = DEFAULT_MODEL, checkpoint: CheckpointOpt = None, device: DeviceOpt = "auto",
-    dtype: AttackDtypeOpt = "fp32", batch_size: BatchSizeOpt = 32, seed: SeedOpt = 0,
-    json: JsonOpt = False, quiet: QuietOpt = False,
+    dtype: AttackDtypeOpt = "fp32", batch_size: BatchSizeOpt = 32, resize: ResizeOpt = None, crop: CropOpt = None,
+    pooling: PoolingOpt = None, seed: SeedOpt = 0, json: JsonOpt = False, quiet: QuietOpt = False,
 ) -> None:
     """Move an image's embedding: away from itself (--untargeted) or towards targets (--target)."""
     import torch
@@ -158,7 +168,7 @@ def attack_embed_command(
         raise BadInputError("choose exactly one of --untargeted or --target IMAGE (at least one target).")
     targets = [p for t in (target or []) for p in (list_images(t) if t.is_dir() else [t])]
     settings = attack_settings(norm, eps, iters, restarts, random_start, seed, dtype)
-    common = Common(model, checkpoint, device, "fp32", batch_size, None, seed, json, quiet)
+    common = Common(model, checkpoint, device, "fp32", batch_size, None, seed, json, quiet, resize, crop, pooling)
     output = Output(json, quiet)
     metric = _prepare(common, output, [image, *targets], out)
     x = metric.pixels([str(image)])
