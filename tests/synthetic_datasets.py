@@ -1,4 +1,4 @@
-"""Small synthetic datasets in the real on-disk layouts (NIGHTS, BAPPS, THINGS, custom)."""
+"""Small synthetic datasets in the real on-disk layouts (NIGHTS, BAPPS, THINGS in both formats, custom)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,10 @@ NIGHTS_HEADER = ["id", "left_vote", "right_vote", "votes", "ref_path", "left_pat
 
 
 def make_nights(root: Path, rows: list[dict] | None = None, n: int = 12, size=(48, 48)) -> Path:
-    """NIGHTS: ref/XXX/YYY.png, distort/XXX/YYY_{0,1}.png and data.csv (extra column 'prompt')."""
+    """NIGHTS: ref/XXX/YYY.png, distort/XXX/YYY_{0,1}.png and data.csv (extra column 'prompt').
+
+    A row may give ``left_vote`` too (vote counts); by default it is ``1 - right_vote``.
+    """
     root.mkdir(parents=True, exist_ok=True)
     if rows is None:
         splits = ["train", "val", "test", "test"]
@@ -31,24 +34,52 @@ def make_nights(root: Path, rows: list[dict] | None = None, n: int = 12, size=(4
                 (root / rel).parent.mkdir(parents=True, exist_ok=True)
                 make_picture(1000 + 3 * i + k, size).save(root / rel)
             right_vote = row.get("right_vote", 1)
-            writer.writerow({"id": i, "left_vote": 1 - right_vote, "right_vote": right_vote,
+            writer.writerow({"id": i, "left_vote": row.get("left_vote", 1 - right_vote), "right_vote": right_vote,
                              "votes": row.get("votes", 6), "ref_path": ref, "left_path": left, "right_path": right,
                              "split": row.get("split", "test"), "is_imagenet": row.get("is_imagenet", False),
                              "prompt": "An image of a thing"})
     return root
 
 
-def make_bapps(root: Path, subsets=("traditional", "cnn"), n: int = 4, split: str = "val") -> Path:
-    """BAPPS: 2afc/<split>/<subset>/{ref,p0,p1}/NNNNNN.png and judge/NNNNNN.npy (fraction choosing p1)."""
+def make_bapps(root: Path, subsets=("traditional", "cnn"), n: int = 4, split: str = "val", stems=None) -> Path:
+    """BAPPS: 2afc/<split>/<subset>/{ref,p0,p1}/NNNNNN.png and judge/NNNNNN.npy (fraction choosing p1).
+
+    ``stems``: file names (without .png) instead of NNNNNN; the judgement of the i-th is (i % 5) / 4.
+    """
     for s_i, subset in enumerate(subsets):
         base = root / "2afc" / split / subset
         for folder in ("ref", "p0", "p1", "judge"):
             (base / folder).mkdir(parents=True, exist_ok=True)
-        for i in range(n):
-            stem = f"{i:06d}"
+        for i, stem in enumerate(stems if stems is not None else [f"{k:06d}" for k in range(n)]):
             for k, folder in enumerate(("ref", "p0", "p1")):
                 make_picture(5000 + 100 * s_i + 3 * i + k, (64, 64)).save(base / folder / f"{stem}.png")
             np.save(base / "judge" / f"{stem}.npy", np.array([(i % 5) / 4], dtype=np.float32))
+    return root
+
+
+def make_bapps_triplets(root: Path, subset: str, rows, split: str = "val") -> Path:
+    """BAPPS triplets by hand: rows of (stem, ref seed, p0 seed, p1 seed, judgement); equal seeds = equal images."""
+    base = root / "2afc" / split / subset
+    for folder in ("ref", "p0", "p1", "judge"):
+        (base / folder).mkdir(parents=True, exist_ok=True)
+    for stem, *seeds, judge in rows:
+        for folder, seed in zip(("ref", "p0", "p1"), seeds):
+            make_picture(seed, (64, 64)).save(base / folder / f"{stem}.png")
+        np.save(base / "judge" / f"{stem}.npy", np.array([judge], dtype=np.float32))
+    return root
+
+
+def make_things_hebart(root: Path, rows, header: str | None = "image1\timage2\timage3\tchoice\tRT",
+                       list_name: str = "image_paths.txt") -> Path:
+    """THINGS in Hebart et al.'s format: a tab-separated triplet file of 1-based indices into an image list of
+    1854 paths (relative to ROOT), ``choice`` = position 1-3 of the odd one out. Only images the rows use exist."""
+    entries = [f"images/concept{k:04d}/img{k:04d}.jpg" for k in range(1, 1855)]
+    for k in sorted({k for row in rows for k in row[:3]}):
+        (root / entries[k - 1]).parent.mkdir(parents=True, exist_ok=True)
+        make_picture(7000 + k, (40, 40)).save(root / entries[k - 1])
+    (root / list_name).write_text("\n".join(entries) + "\n")
+    lines = ([header] if header else []) + ["\t".join(str(v) for v in row) for row in rows]
+    (root / "triplets.txt").write_text("\n".join(lines) + "\n")
     return root
 
 

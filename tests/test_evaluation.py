@@ -1,4 +1,5 @@
-"""Evaluation engine: score formulas, agreement with a direct computation, robust bounds."""
+"""Evaluation engine: score formulas, agreement with a direct computation, robust bounds, 2AFC ties,
+BAPPS protocol (binarised accuracy, bilinear upsampling), batch-independent random starts."""
 
 from __future__ import annotations
 
@@ -59,7 +60,7 @@ def test_clean_score_equals_direct_computation(metric, tmp_path):
         p = t.p_right
         expected.append((1 - p) if d0 < d1 else p if d1 < d0 else 0.5)
     summary = summarize(index, records, [])
-    assert summary["overall"]["clean"] == pytest.approx(sum(expected) / len(expected), abs=1e-6)
+    assert summary["overall"]["clean_score"] == pytest.approx(sum(expected) / len(expected), abs=1e-6)
     assert summary["overall"]["n"] == len(index.items) == 12
 
 
@@ -71,6 +72,8 @@ def test_bapps_overall_is_mean_over_subsets(metric, tmp_path):
     summary = summarize(index, records, [])
     groups = summary["groups"]
     assert summary["overall"]["clean"] == pytest.approx((groups["cnn"]["clean"] + groups["color"]["clean"]) / 2)
+    assert summary["overall"]["clean_score"] == pytest.approx(
+        (groups["cnn"]["clean_score"] + groups["color"]["clean_score"]) / 2)
     assert (groups["cnn"]["n"], groups["color"]["n"]) == (2, 6)
 
 
@@ -82,12 +85,20 @@ def test_robust_accuracy_bounded_by_clean_and_zero_at_huge_eps(metric, tmp_path)
     records = evaluate_model(metric, index, plan, {}, Dist())
     overall = summarize(index, records, plan.radii)["overall"]
     robust = overall["robust"]
-    assert overall["clean_binary"] == pytest.approx(0.75)  # every 4th label flipped against the model
-    assert robust[0] <= overall["clean_binary"] and robust == sorted(robust, reverse=True)
+    assert overall["clean"] == pytest.approx(0.75)  # every 4th label flipped against the model
+    assert robust[0] <= overall["clean"] and robust == sorted(robust, reverse=True)
     assert robust[-1] == 0.0 and robust[0] > 0.0
+    broken_before_last = 0
     for rec in records.values():
         if not rec["clean_correct"]:
             assert rec["robust_correct"] == [False, False, False]
+        rob, margin = rec["robust_correct"], rec["margin"]
+        assert rob == sorted(rob, reverse=True)  # broken inside a small ball: broken inside every larger one
+        k = rob.index(False)
+        # survivors only: a triplet broken at radius k is not attacked again, its adversarial margin stays
+        assert margin[k] <= 0 and margin[k:] == [margin[k]] * (len(rob) - k)
+        broken_before_last += rec["clean_correct"] and k < len(rob) - 1
+    assert broken_before_last > 0  # the property above was exercised by attacked triplets
 
 
 def test_things_clean_equals_direct_computation(metric, tmp_path):
@@ -97,3 +108,179 @@ def test_things_clean_equals_direct_computation(metric, tmp_path):
         e = metric.embed(list(item.images))
         sims = [float(e[0] @ e[1]), float(e[0] @ e[2]), float(e[1] @ e[2])]
         assert records[item.id]["clean_score"] == (1.0 if sims[0] > max(sims[1:]) else 0.0)
+
+
+def write_custom(root, rows):
+    """custom CSV from rows of (ref seed, left seed, right seed, label); equal seeds = the same file."""
+    from conftest import make_picture
+
+    root.mkdir(parents=True, exist_ok=True)
+    lines = ["ref,left,right,label"]
+    for row in rows:
+        for seed in row[:3]:
+            if not (root / f"img{seed}.png").exists():
+                make_picture(seed, (48, 48)).save(root / f"img{seed}.png")
+        lines.append(",".join([f"img{seed}.png" for seed in row[:3]] + [str(row[3])]))
+    (root / "triplets.csv").write_text("\n".join(lines) + "\n")
+    return root / "triplets.csv"
+
+
+def test_identical_candidates_are_a_tie_that_counts_as_wrong(metric, tmp_path):
+    # row 1: both candidates are the same file, an exact tie; row 2: the left candidate is the reference itself
+    index = load_dataset("custom", write_custom(tmp_path / "c", [(1, 2, 2, "right"), (3, 3, 4, "left")]))
+    plan = EvalPlan([0.1], AttackSettings(norm="l2", iters=2), batch_size=4)
+    records = evaluate_model(metric, index, plan, {}, Dist())
+    tie, sure = records["1"], records["2"]
+    assert tie["d_left"] == tie["d_right"]
+    assert tie["clean_correct"] is False and tie["clean_score"] == 0.5 and tie["robust_correct"] == [False]
+    assert sure["clean_correct"] is True and sure["clean_score"] == 1.0 and sure["attacked"]
+    summary = summarize(index, records, plan.radii)["overall"]
+    assert summary["clean"] == 0.5 and summary["clean_score"] == 0.75  # (0 + 1) / 2 and (0.5 + 1) / 2
+
+
+def test_attack_on_identical_candidates_is_never_clean_correct(metric, tmp_path):
+    from percept_cli.attacks.tasks import attack_2afc
+
+    make = __import__("conftest").make_picture
+    x = metric.pixels([make(5, (48, 48)), make(6, (48, 48))])
+    for label in (torch.tensor([0]), torch.tensor([1]), None):  # None: attack the model's own decision
+        report = attack_2afc(metric, x[:1], x[1:], x[1:], label, AttackSettings(norm="l2", eps=0.05, iters=2))
+        assert not bool(report.clean_correct[0]) and not bool(report.robust_correct[0])
+    assert int(report.label[0]) == 0  # a tie is decided "left", as the authors' pred = (sim_right > sim_left)
+
+
+class _ClampMetric:
+    """A 2-d embedding [a(x), 1] with a = clamp(2 (0.75 - mean x), 0, 1): candidates [1,0] and [0,1] tie exactly
+    once the attack has pushed the mean pixel below 0.25 (a = 1); clean (mean 0.5) the right one is nearer."""
+
+    device = torch.device("cpu")
+
+    def encoder(self, x):
+        a = (2 * (0.75 - x.mean(dim=(1, 2, 3)))).clamp(0.0, 1.0)
+        return torch.stack((a, torch.ones_like(a)), dim=-1)
+
+    def embed_pixels(self, x):
+        return torch.nn.functional.normalize(self.encoder(x), dim=-1)
+
+
+def test_attack_that_reaches_an_exact_tie_has_broken_the_decision():
+    from percept_cli.attacks.tasks import attack_2afc_embedded
+
+    clamp = _ClampMetric()
+    ref = torch.full((1, 3, 8, 8), 0.5)
+    left, right = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])
+    report = attack_2afc_embedded(clamp, ref, left, right, torch.tensor([1]),
+                                  AttackSettings(norm="linf", eps=0.3, iters=3, random_start=False))
+    assert bool(report.clean_correct[0])
+    assert float(report.adv_similarity[0, 0]) == float(report.adv_similarity[0, 1])  # the attack reached a tie
+    assert not bool(report.robust_correct[0]) and float(report.margin[0]) == 0.0
+
+
+def test_nights_vote_counts_give_fraction_scores(metric, tmp_path):
+    rows = [{"id": 0, "left_vote": 1, "right_vote": 5, "votes": 6}, {"id": 1, "left_vote": 5, "right_vote": 1,
+                                                                      "votes": 6},
+            {"id": 2, "left_vote": 2, "right_vote": 4, "votes": 6}]
+    root = sd.make_nights(tmp_path / "n", rows)
+    index = load_dataset("nights", root, "test")
+    records = evaluate_model(metric, index, EvalPlan([], None), {}, Dist())
+    for row, p in zip(rows, (5 / 6, 1 / 6, 4 / 6)):  # fraction of the people who chose the right candidate
+        t = index.items[row["id"]]
+        d = metric.distance(t.ref, [t.left, t.right])
+        expected = (1 - p) if float(d[0]) < float(d[1]) else p
+        assert 0.0 <= records[str(row["id"])]["clean_score"] <= 1.0
+        assert records[str(row["id"])]["clean_score"] == pytest.approx(expected, abs=1e-6)
+
+
+def test_bapps_binarised_accuracy_by_hand(metric, tmp_path):
+    # a candidate with the reference's own picture is the nearer one; judgement = fraction choosing p1
+    root = sd.make_bapps_triplets(tmp_path / "b", "cnn", [
+        ("000000", 10, 10, 11, 0.3),   # model: p0; majority p0 (0.3)   -> correct, score 0.7
+        ("000001", 12, 13, 12, 0.8),   # model: p1; majority p1 (0.8)   -> correct, score 0.8
+        ("000002", 14, 14, 15, 0.6),   # model: p0; majority p1 (0.6)   -> wrong,   score 0.4
+        ("000003", 16, 17, 16, 0.5)])  # model: p1; 0.5 is no majority for p1 -> wrong, score 0.5
+    sd.make_bapps_triplets(root, "color", [
+        ("000000", 20, 21, 20, 0.9),   # model: p1; majority p1 -> correct, score 0.9
+        ("000001", 22, 22, 23, 0.0)])  # model: p0; majority p0 -> correct, score 1.0
+    index = load_dataset("bapps", root)
+    summary = summarize(index, evaluate_model(metric, index, EvalPlan([], None), {}, Dist()), [])
+    cnn, color = summary["groups"]["cnn"], summary["groups"]["color"]
+    assert (cnn["clean"], cnn["clean_score"]) == (pytest.approx(2 / 4), pytest.approx((0.7 + 0.8 + 0.4 + 0.5) / 4))
+    assert (color["clean"], color["clean_score"]) == (pytest.approx(1.0), pytest.approx(0.95))
+    # overall = mean over the subsets (0.75), not over the 6 triplets (4/6)
+    assert summary["overall"]["clean"] == pytest.approx(0.75)
+    assert summary["overall"]["clean_score"] == pytest.approx((0.6 + 0.95) / 2)
+    assert summary["overall"]["n"] == 6
+
+
+def test_bapps_paper_protocol_upsamples_like_torchvision_resize(metric, tmp_path, monkeypatch):
+    from PIL import Image
+    from torchvision import transforms
+
+    from percept_cli.evaluation import twoafc
+
+    root = sd.make_bapps(tmp_path / "b", subsets=("cnn",), n=3)
+    index = load_dataset("bapps", root)
+    reference = transforms.Compose([transforms.Resize(metric.image_size), transforms.ToTensor()])  # bilinear
+
+    def torchvision_pixels(paths):
+        return torch.stack([reference(Image.open(p).convert("RGB")) for p in paths])
+
+    attacked = []
+    real = twoafc.attack_2afc_embedded
+    monkeypatch.setattr(twoafc, "attack_2afc_embedded",
+                        lambda m, ref, *a, **k: attacked.append(ref) or real(m, ref, *a, **k))
+    plan = EvalPlan([0.01], AttackSettings(norm="l2", iters=1), batch_size=8)
+    paper = evaluate_model(metric, index, plan, {}, Dist())
+    native = evaluate_model(metric, index, EvalPlan([], None, protocol="native"), {}, Dist())
+    for t in index.items:
+        e = metric.embed_pixels(torchvision_pixels([t.ref, t.left, t.right]))
+        d = [1 - float(e[0] @ e[1]), 1 - float(e[0] @ e[2])]
+        assert [paper[t.id]["d_left"], paper[t.id]["d_right"]] == pytest.approx(d, abs=1e-6)
+        own = metric.embed([t.ref, t.left, t.right])  # the model's own (bicubic) preprocessing
+        assert native[t.id]["d_left"] == pytest.approx(1 - float(own[0] @ own[1]), abs=1e-6)
+    assert max(abs(paper[t.id]["d_left"] - native[t.id]["d_left"]) for t in index.items) > 1e-4
+    targets = [t for t in index.items if paper[t.id]["clean_correct"]]
+    assert targets and torch.equal(attacked[0].cpu(), torchvision_pixels([t.ref for t in targets]))
+
+
+def test_random_starts_depend_on_the_triplet_not_on_the_batch(metric, tmp_path):
+    # the same triplet three times (rows 1, 3, 5) among others; the left candidate is the reference itself
+    rows = [(30, 30, 31, "left"), (32, 33, 32, "right"), (30, 30, 31, "left"), (34, 34, 35, "left"),
+            (30, 30, 31, "left")]
+    index = load_dataset("custom", write_custom(tmp_path / "c", rows))
+    settings = AttackSettings(norm="linf", eps=2 / 255, iters=1)
+    small, large = (evaluate_model(metric, index, EvalPlan([settings.eps], settings, batch_size=b), {}, Dist())
+                    for b in (2, 3))
+    margins = {key: small[key]["margin"][0] for key in small}
+    twins = [margins[k] for k in ("1", "3", "5")]
+    assert all(small[k]["robust_correct"] == [True] for k in ("1", "3", "5"))  # unbroken: margins show the starts
+    # same images, different triplets: different random starts, so different adversarial margins
+    assert min(abs(a - b) for a, b in [(twins[0], twins[1]), (twins[0], twins[2]), (twins[1], twins[2])]) > 5e-6
+    for key in small:  # the batches of 2 and of 3 differ, each triplet's outcome does not
+        assert large[key]["robust_correct"] == small[key]["robust_correct"]
+        assert large[key]["margin"][0] == pytest.approx(margins[key], abs=1e-6)
+
+
+def test_low_precision_only_breaks_are_recorded(metric, tmp_path, monkeypatch):
+    from percept_cli.evaluation import twoafc
+
+    real = twoafc.attack_2afc_embedded
+
+    def flagging(*args, **kwargs):  # pretend bf16 broke every point that the fp32 check held
+        report = real(*args, **kwargs)
+        report.broken_low_precision_only = report.robust_correct.clone()
+        return report
+
+    rows = [(30, 30, 31, "left"), (32, 33, 32, "right"), (34, 34, 35, "left"), (30, 30, 31, "right")]
+    index = load_dataset("custom", write_custom(tmp_path / "c", rows))  # the last one is wrong when clean
+    plan = EvalPlan([0.5 / 255, 2 / 255], AttackSettings(norm="linf", iters=2), batch_size=8)
+    plain = evaluate_model(metric, index, plan, {}, Dist())
+    assert all(r["low_precision_only"] in (None, [False, False]) for r in plain.values())  # fp32 on CPU: none
+    monkeypatch.setattr(twoafc, "attack_2afc_embedded", flagging)
+    records = evaluate_model(metric, index, plan, {}, Dist())
+    for rec in records.values():  # flagged exactly where the triplet was attacked and held
+        expected = [rec["clean_correct"] and all(rec["robust_correct"][:r + 1]) for r in range(2)]
+        assert rec["low_precision_only"] == (expected if rec["clean_correct"] else None)
+    overall = summarize(index, records, plan.radii)["overall"]
+    assert overall["low_precision_only"] == [round(v * overall["n_attacked"]) for v in overall["robust"]]
+    assert overall["low_precision_only"][0] > overall["low_precision_only"][1] > 0  # some held, some broken

@@ -16,14 +16,14 @@ ZOO = zoo.DEFAULT_MODEL
 
 def _doc(dataset="nights", split="test", norm="linf", radii=(4 / 255, 8 / 255), models=None):
     """An eval-2afc results document as `percept eval-2afc --out` writes it (only what is compared)."""
-    return {"schema": "percept.eval-2afc/1", "status": "complete",
+    return {"schema": "percept.eval-2afc/2", "status": "complete",
             "dataset": {"name": dataset, "split": split, "n_triplets": 40, "subsets": [split]},
             "attack": {"norm": norm, "iters": 100} if radii else None, "radii": list(radii), "seed": 0,
             "models": models if models is not None else {}}
 
 
 def _entry(zoo_name, clean, robust=(), groups=None):
-    overall = {"n": 40, "clean": clean, "clean_binary": clean, "robust": list(robust)}
+    overall = {"n": 40, "clean": clean, "clean_score": clean, "robust": list(robust)}
     return {"status": "complete", "model": {"name": zoo_name or "/some/dir", "zoo": zoo_name},
             "summary": {"overall": overall, "groups": groups or {}}}
 
@@ -108,3 +108,10 @@ def test_not_a_results_file_exits_2_with_one_line(tmp_path, content):
 def test_missing_file_exits_2(tmp_path):
     result = runner.invoke(app, ["compare-paper", str(tmp_path / "none.json")])
     assert result.exit_code == 2 and "not found" in result.stderr
+
+
+def test_results_of_an_older_schema_are_named_as_such(tmp_path):
+    old = {**_doc(models={ZOO: _entry(ZOO, 0.9)}), "schema": "percept.eval-2afc/1"}
+    result = _run(tmp_path, old)
+    assert result.exit_code == 2
+    assert "older percept" in result.output and result.output.count("error:") == 1

@@ -1,4 +1,4 @@
-"""`percept eval-2afc` end to end: record schema, resume, torchrun, bad input, plot, square."""
+"""`percept eval-2afc` end to end: record schema, resume, torchrun, bad input, plot, square, --first, protocol."""
 
 from __future__ import annotations
 
@@ -53,19 +53,22 @@ def test_record_schema(nights, model_args, tmp_path):
                  *model_args)
     assert result.exit_code == 0, result.output
     doc = json.loads(out.read_text())
-    assert doc["schema"] == "percept.eval-2afc/1" and doc["status"] == "complete"
+    assert doc["schema"] == "percept.eval-2afc/2" and doc["status"] == "complete"
     assert set(doc["versions"]) >= {"percept", "torch", "open_clip"}
     assert doc["dataset"]["name"] == "nights" and doc["dataset"]["split"] == "test" and doc["seed"] == 0
+    assert doc["protocol"] == "paper" and doc["dataset"]["first"] is None
     assert doc["attack"]["norm"] == "l2" and doc["attack"]["iters"] == 8 and doc["radii"] == [0.05, 0.3]
     entry = doc["models"][str(model_args[1])]
     assert entry["model"]["kind"] == "local-dir" and entry["device"] == "cpu" and entry["dtype"] == "fp32"
+    assert entry["eval_preprocess"] == entry["preprocess"]  # NIGHTS: the model's own preprocessing
     assert entry["wall_time_s"] > 0 and len(entry["triplets"]) == doc["dataset"]["n_triplets"] == 20
     t = entry["triplets"][0]
     assert {"id", "group", "p_right", "d_left", "d_right", "clean_score", "clean_correct", "robust_correct",
             "margin"} <= set(t)
     robust = entry["summary"]["overall"]["robust"]
     assert len(robust) == 2 and robust[0] >= robust[1]
-    assert entry["summary"]["overall"]["clean_binary"] == pytest.approx(0.8)
+    assert entry["summary"]["overall"]["clean"] == pytest.approx(0.8)
+    assert entry["summary"]["overall"]["n_attacked"] == 20
     assert not list(tmp_path.glob("r.json.rank*"))  # partial flushes removed after completion
     assert "2AFC agreement" in result.stdout and "l2 0.05" in result.stdout
 
@@ -138,6 +141,14 @@ def test_two_process_gloo_run_equals_single_process(nights, model_args, tmp_path
      ["--dataset", "nights"], "missing column"),
     (lambda p: sd.make_bapps(p / "b", subsets=("cnn",), n=2), ["--dataset", "bapps", "--subset", "deblur"],
      "no subset"),
+    (lambda p: sd.make_bapps(p / "b", subsets=("cnn",), n=2), ["--dataset", "bapps", "--attack", "l2", "--first", "1",
+                                                             "--n", "1"], "--first and --n cannot be combined"),
+    (lambda p: sd.make_bapps(p / "b", subsets=("cnn",), n=2), ["--dataset", "bapps", "--first", "1"],
+     "add --attack"),
+    (lambda p: sd.make_bapps(p / "b", subsets=("cnn",), n=2), ["--dataset", "bapps", "--protocol", "lpips"],
+     "unknown --protocol"),
+    (lambda p: sd.make_things_hebart(p / "t", [(1, 2, 3, 1)], list_name="list.txt"), ["--dataset", "things"],
+     "pass --image-list"),
 ])
 def test_bad_datasets_exit_2_before_model_work(empty_offline_hub, tmp_path, make, args, message):
     root = make(tmp_path)
@@ -166,3 +177,72 @@ def test_things_refuses_attack_and_json_summary(tmp_path, model_args):
     doc = json.loads(clean.stdout)
     entry = doc["models"][str(model_args[1])]
     assert "triplets" not in entry and entry["summary"]["overall"]["n"] == 3
+
+
+def test_bapps_first_n_attacks_the_first_triplets_in_path_order(tmp_path, model_args):
+    # sorted path order, worked out by hand: "1-b.png" < "1-c.png" < "1.png" < "10.png" < "2.png" < "9.png" (as
+    # '-' < '.' < '0' < '2'); numeric order would start with 1, 2; sorting the stems with "1", "1-b"
+    root = sd.make_bapps(tmp_path / "b", subsets=("cnn", "color"), stems=["9", "2", "10", "1", "1-b", "1-c"])
+    out = tmp_path / "r.json"
+    result = run("eval-2afc", "--dataset", "bapps", "--root", root, "--first", "2", "--attack", "l2", "--eps", "0.05",
+                 "--iters", "2", "--out", out, *model_args)
+    assert result.exit_code == 0, result.output
+    doc = json.loads(out.read_text())
+    assert doc["protocol"] == "paper" and doc["dataset"]["first"] == 2
+    entry = doc["models"][str(model_args[1])]
+    assert entry["eval_preprocess"] == {"resize": 224, "crop": None, "interpolation": "bilinear"}
+    triplets = entry["triplets"]
+    assert {t["id"] for t in triplets if t["attacked"]} == {"cnn/1-b", "cnn/1-c", "color/1-b", "color/1-c"}
+    for t in triplets:
+        if not t["attacked"]:
+            assert t["robust_correct"] is None
+        elif not t["clean_correct"]:
+            assert t["robust_correct"] == [False]  # wrong when clean: broken
+    for group in ("cnn", "color"):
+        recs = [t for t in triplets if t["group"] == group]
+        hit = [t for t in recs if t["attacked"]]
+        stats = entry["summary"]["groups"][group]
+        assert (stats["n"], stats["n_attacked"]) == (6, 2)
+        assert stats["clean"] == pytest.approx(sum(t["clean_correct"] for t in recs) / 6)  # clean: all 6
+        assert stats["robust"] == [pytest.approx(sum(t["robust_correct"][0] for t in hit) / 2)]  # robust: the 2
+    overall = entry["summary"]["overall"]
+    assert (overall["n"], overall["n_attacked"]) == (12, 4)
+    assert "score" in result.stdout and "robust accuracy over 4 attacked" in result.stdout
+
+    native = run("eval-2afc", "--dataset", "bapps", "--root", root, "--protocol", "native", "--json", *model_args)
+    assert native.exit_code == 0, native.output
+    doc = json.loads(native.stdout)
+    entry = doc["models"][str(model_args[1])]
+    assert doc["protocol"] == "native" and entry["eval_preprocess"] == entry["preprocess"]
+    assert entry["preprocess"]["interpolation"] == "bicubic"
+
+
+def test_things_hebart_format_with_image_list(tmp_path, model_args):
+    root = sd.make_things_hebart(tmp_path / "t", [(1, 2, 3, 3), (4, 5, 6, 1)], list_name="my_list.txt")
+    result = run("eval-2afc", "--dataset", "things", "--root", root, "--image-list", root / "my_list.txt", "--json",
+                 *model_args)
+    assert result.exit_code == 0, result.output
+    overall = json.loads(result.stdout)["models"][str(model_args[1])]["summary"]["overall"]
+    assert overall["n"] == 2 and 0.0 <= overall["clean"] <= 1.0
+
+
+def test_low_precision_only_breaks_are_noted(tmp_path, model_args, monkeypatch):
+    from percept_cli.evaluation import twoafc
+
+    real = twoafc.attack_2afc_embedded
+
+    def flagging(*args, **kwargs):  # pretend the autocast attack broke every point the fp32 check held
+        report = real(*args, **kwargs)
+        report.broken_low_precision_only = report.robust_correct.clone()
+        return report
+
+    monkeypatch.setattr(twoafc, "attack_2afc_embedded", flagging)
+    table = sd.make_custom(tmp_path / "c", labels=("left", "right", "left", "right"))
+    args = ["eval-2afc", "--dataset", "custom", "--root", table, "--attack", "l2", "--eps", "0.001", "--iters", "1",
+            *model_args]
+    result = run(*args, "--json")
+    overall = json.loads(result.stdout)["models"][str(model_args[1])]["summary"]["overall"]
+    held = round(overall["robust"][0] * overall["n_attacked"])
+    assert held > 0 and overall["low_precision_only"] == [held]
+    shown = run(*args)
+    assert f"{held} triplet-radius pair(s) broken only" in shown.stdout

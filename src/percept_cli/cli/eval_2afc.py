@@ -10,8 +10,9 @@ import typer
 
 from ..models.zoo import DEFAULT_MODEL
 from .errors import handle_errors
-from .options import (BatchSizeOpt, CheckpointOpt, DEFAULT_EPS, DeviceOpt, EpsOpt, ItersOpt, JsonOpt, QuietOpt,
-                      RandomStartOpt, RestartsOpt, SeedOpt, WorkersOpt, attack_settings)
+from .options import (BatchSizeOpt, CheckpointOpt, CropOpt, DeviceOpt, EpsOpt, ItersOpt, JsonOpt, QuietOpt,
+                      RandomStartOpt, PoolingOpt, ResizeOpt, RestartsOpt, SeedOpt, WorkersOpt, attack_settings,
+                      geometry_options)
 from .output import Output
 
 HELP = """Score metrics against human 2AFC judgements (NIGHTS, BAPPS, THINGS, custom), clean and under attack.
@@ -19,7 +20,7 @@ HELP = """Score metrics against human 2AFC judgements (NIGHTS, BAPPS, THINGS, cu
 \b
   percept eval-2afc --dataset nights --root NIGHTS_DIR --split test
   percept eval-2afc --dataset nights --root NIGHTS_DIR --attack linf --n 500 --out results.json
-  percept eval-2afc --dataset bapps --root BAPPS_DIR --attack l2 --eps 3 --n 1000
+  percept eval-2afc --dataset bapps --root BAPPS_DIR --attack l2 --eps 3 --first 1000
   percept eval-2afc --dataset nights --root D --attack linf --sweep-eps 0,1,2,4,8/255 --plot curve.png
   torchrun --nproc_per_node=4 -m percept_cli eval-2afc ...   (data-parallel, same numbers)
 """
@@ -57,8 +58,17 @@ def eval_2afc(
     = None,
     triplets: Annotated[Optional[Path], typer.Option("--triplets", help="THINGS triplet file "
                                                      "(default ROOT/triplets.txt).")] = None,
+    image_list: Annotated[Optional[Path], typer.Option("--image-list", help="THINGS, Hebart et al.'s triplet "
+                                                       "format: the 1854 image paths, one per line (default "
+                                                       "ROOT/image_paths.txt).")] = None,
     n: Annotated[Optional[int], typer.Option("--n", min=1, help="Seeded random subset: N triplets (per subset for "
                                              "BAPPS), the same for every model.")] = None,
+    first: Annotated[Optional[int], typer.Option("--first", min=1, help="Attack only the first N triplets (per "
+                                                 "subset for BAPPS, in sorted path order), as the paper; clean "
+                                                 "accuracy over all.")] = None,
+    protocol: Annotated[str, typer.Option("--protocol", help="paper: the authors' dataset-specific choices "
+                                          "(BAPPS upsampled bilinear, no crop); native: each model's own "
+                                          "preprocessing everywhere.")] = "paper",
     attack: Annotated[Optional[List[str]], typer.Option("--attack", help="linf | l2 (APGD on the reference); add "
                                                         "--attack square for the gradient-free sanity check.")] = None,
     eps: EpsOpt = None,
@@ -66,7 +76,7 @@ def eval_2afc(
                                                      "e.g. 0,1,2,4,8/255.")] = None,
     iters: ItersOpt = 100, restarts: RestartsOpt = 1, random_start: RandomStartOpt = True,
     loss: Annotated[str, typer.Option("--loss", help="ce | margin.")] = "ce",
-    square_queries: Annotated[int, typer.Option("--square-queries", min=1, help="Queries for --attack square.")] = 1000,
+    square_queries: Annotated[int, typer.Option("--square-queries", min=1, help="Queries for --attack square.")] = 5000,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Results JSON (per-triplet outcomes; flushed "
                                                 "at least every minute).")] = None,
     resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue an interrupted run from its results "
@@ -84,14 +94,15 @@ def eval_2afc(
     dtype: Annotated[str, typer.Option("--dtype", help="fp32 | bf16 | fp16: encoder precision for clean "
                                        "evaluation; with --attack the attack's autocast precision (weights fp32, "
                                        "verdicts checked in fp32).", rich_help_panel="Model")] = "fp32",
-    batch_size: BatchSizeOpt = 32, workers: WorkersOpt = None, seed: SeedOpt = 0,
-    json: JsonOpt = False, quiet: QuietOpt = False,
+    batch_size: BatchSizeOpt = 32, workers: WorkersOpt = None, resize: ResizeOpt = None, crop: CropOpt = None,
+    pooling: PoolingOpt = None,
+    seed: SeedOpt = 0, json: JsonOpt = False, quiet: QuietOpt = False,
 ) -> None:
     from .. import distributed
     from ..evaluation import results as eval_results
-    from ..evaluation.datasets import load_dataset, subsample
+    from ..evaluation.datasets import first_per_group, load_dataset, subsample
     from ..errors import BadInputError
-    from ..evaluation.twoafc import EvalPlan
+    from ..evaluation.twoafc import PROTOCOLS, EvalPlan
 
     models = list(model or [])
     if models_file is not None:
@@ -112,12 +123,23 @@ def eval_2afc(
         dtype = "fp32"
     if plot is not None:
         _check_plot(plot)
+    protocol = protocol.strip().lower()
+    if protocol not in PROTOCOLS:
+        raise BadInputError(f"unknown --protocol '{protocol}'; use {' or '.join(PROTOCOLS)}.")
+    if first is not None and n is not None:
+        raise BadInputError("--first and --n cannot be combined: --first attacks the first N triplets and scores "
+                            "all of them clean; --n evaluates a seeded random subset.")
+    if first is not None and not radii:
+        raise BadInputError("--first selects the triplets to attack; add --attack or --sweep-eps.")
     out = out or resume
-    index = subsample(load_dataset(dataset, root, split, subset or (), triplets), n, seed)
+    index = subsample(load_dataset(dataset, root, split, subset or (), triplets, image_list), n, seed)
     if index.task != "2afc" and radii:
         raise BadInputError("THINGS odd-one-out is evaluated clean only; drop --attack/--sweep-eps.")
+    attack_ids = first_per_group(index, first) if first is not None else None
     config = {"dataset": {"name": index.name, "root": str(Path(index.root).resolve()), "split": index.split,
-                          "subsets": index.groups, "n": n, "n_triplets": len(index.items), "task": index.task},
+                          "subsets": index.groups, "n": n, "first": first, "n_triplets": len(index.items),
+                          "task": index.task},
+              "protocol": protocol,
               "attack": None if settings is None else {
                   "norm": settings.norm, "iters": settings.iters, "restarts": settings.restarts, "loss": settings.loss,
                   "random_start": settings.random_start, "square_queries": settings.square_queries,
@@ -129,12 +151,13 @@ def eval_2afc(
     output = Output(json, quiet or not dist.is_main)
     if out is None and radii and dist.is_main:
         output.warn("no --out: results are not saved and an interrupted run cannot be resumed.")
-    plan = EvalPlan(radii, settings, batch_size, save_adv, flush_every)
+    plan = EvalPlan(radii, settings, batch_size, save_adv, flush_every, attack_ids, protocol)
     try:
         for name in models:
             _run_model(name, index, plan, record, out, dist, output,
                        dict(checkpoint=checkpoint, device=distributed.device_for(dist, device), dtype=dtype,
-                            batch_size=batch_size, workers=workers, seed=seed))
+                            batch_size=batch_size, workers=workers, seed=seed,
+                            geometry=geometry_options(resize, crop, pooling)))
         record["status"] = "complete"
         if dist.is_main and out is not None:
             eval_results.save(out, record)
@@ -155,7 +178,7 @@ def _run_model(name, index, plan, record, out, dist, output, load_kwargs) -> Non
     import torch
 
     from ..evaluation import results as eval_results
-    from ..evaluation.twoafc import evaluate_model, summarize
+    from ..evaluation.twoafc import evaluate_model, input_preprocess, summarize
     from ..metric import load_metric
 
     entry = record["models"].get(name)
@@ -167,12 +190,13 @@ def _run_model(name, index, plan, record, out, dist, output, load_kwargs) -> Non
     with output.status(f"Loading {name} ..."):
         metric = load_metric(name, device=load_kwargs["device"], dtype=load_kwargs["dtype"],
                              checkpoint=load_kwargs["checkpoint"], batch_size=load_kwargs["batch_size"],
-                             num_workers=load_kwargs["workers"])
+                             num_workers=load_kwargs["workers"], **load_kwargs["geometry"])
     started = time.monotonic()
     flush = None
     if out is not None:
         flush = lambda recs: eval_results.save_partial(out, dist.rank, name, recs)  # noqa: E731
-    total = len(index.distinct_images()) + (len(index.items) if plan.radii else 0)
+    attacked = len(index.items) if plan.attack_ids is None else len(plan.attack_ids)
+    total = len(index.distinct_images()) + (attacked if plan.radii else 0)
     with output.progress(total, f"{name}") as advance:
         def progress(k, phase, records=None):
             text = None
@@ -180,7 +204,7 @@ def _run_model(name, index, plan, record, out, dist, output, load_kwargs) -> Non
                 done = [r for r in records.values() if r.get("robust_correct") is not None]
                 if done:
                     acc = sum(r["robust_correct"][-1] for r in done) / len(done)
-                    clean = sum(r["clean_score"] for r in records.values()) / len(records)
+                    clean = sum(bool(r["clean_correct"]) for r in records.values()) / len(records)
                     text = f"{name}  clean {clean:.1%}  robust {acc:.1%}"
             advance(k, text)
 
@@ -188,7 +212,9 @@ def _run_model(name, index, plan, record, out, dist, output, load_kwargs) -> Non
     order = {item.id: k for k, item in enumerate(index.items)}
     record["models"][name] = {
         "status": "complete", "model": metric.source.as_dict(), "device": str(metric.device),
-        "dtype": metric.dtype_name, "image_size": metric.image_size, "world_size": dist.world,
+        "dtype": metric.dtype_name, "image_size": metric.image_size, "preprocess": metric.preprocess.as_dict(),
+        "eval_preprocess": (input_preprocess(metric, index, plan.protocol) or metric.preprocess).as_dict(),
+        "world_size": dist.world,
         "wall_time_s": round(time.monotonic() - started, 3) + (entry or {}).get("wall_time_s", 0.0),
         "summary": summarize(index, merged, plan.radii),
         "triplets": sorted(merged.values(), key=lambda r: order[r["id"]]),
@@ -221,7 +247,7 @@ def _plot(path: Path, record: dict, norm: str) -> None:
     for name, entry in record["models"].items():
         overall = entry["summary"]["overall"]
         xs = [0.0] + [r * scale for r in record["radii"]]
-        ys = [overall.get("clean_binary", overall["clean"])] + overall.get("robust", [])
+        ys = [overall["clean"]] + overall.get("robust", [])
         ax.plot(xs[:len(ys)], [100 * y for y in ys], marker="o", label=name)
     ax.set_xlabel("eps (x/255, l_inf)" if norm == "linf" else "eps (l2)")
     ax.set_ylabel("2AFC accuracy (%)")
@@ -241,26 +267,38 @@ def _render(console, record: dict, index, settings) -> None:
     from ..attacks import format_eps
 
     radii = record["radii"]
+    summaries = [entry["summary"] for entry in record["models"].values()]
+    n_attacked = summaries[0]["overall"].get("n_attacked") if summaries else None
+    attacked = f"; robust accuracy over {n_attacked} attacked" if n_attacked is not None else ""
     console.print(f"2AFC agreement with people (%): {index.name} {index.split or ''} "
-                  f"({record['dataset']['n_triplets']} triplets)")
+                  f"({record['dataset']['n_triplets']} triplets{attacked}; protocol {record['protocol']})")
+    show_score = index.task == "2afc" and (index.name == "bapps" or any(
+        abs(s["overall"]["clean"] - s["overall"]["clean_score"]) > 1e-12 for s in summaries))
     table = Table(header_style="bold")
     table.add_column("model", no_wrap=True)
     groups = index.groups if len(index.groups) > 1 else []
     for g in groups:
         table.add_column(g, justify="right")
     table.add_column("clean" if not groups else "mean", justify="right")
+    if show_score:
+        table.add_column("score", justify="right")
     for r in radii:
         table.add_column(f"{settings.norm} {format_eps(r, settings.norm)}", justify="right")
     for name, entry in record["models"].items():
         s = entry["summary"]
         row = [name] + [f"{100 * s['groups'][g]['clean']:.1f}" for g in groups] + [f"{100 * s['overall']['clean']:.1f}"]
+        row += [f"{100 * s['overall']['clean_score']:.1f}"] if show_score else []
         row += [f"{100 * v:.1f}" for v in s["overall"].get("robust", [])]
         table.add_row(*row)
     console.print(table)
-    if radii:
-        console.print("clean: 2AFC score (ties 0.5, soft labels as LPIPS/DreamSim); robust: share of triplets whose "
-                      "majority answer the model still gives after APGD (wrong-when-clean counts as broken).",
-                      style="dim")
+    console.print("clean: share of triplets where the nearer candidate is the one most people chose (p > 0.5; a tie "
+                  "is wrong)" + ("; score: LPIPS/DreamSim 2AFC score (soft labels, ties 0.5)" if show_score else "")
+                  + ("; robust: share of attacked triplets whose majority answer the model still gives after APGD "
+                     "(wrong-when-clean counts as broken)." if radii else "."), style="dim")
+    low = sum(sum(s["overall"].get("low_precision_only") or []) for s in summaries)
+    if low:
+        console.print(f"{low} triplet-radius pair(s) broken only in {record['attack']['autocast'] or 'low-precision'}"
+                      " autocast; the fp32 check held them, so they count as robust.", style="dim")
     if settings is not None and settings.square_queries > 0:
         found = sum(any(t.get("square_found") or []) for e in record["models"].values() for t in e["triplets"])
         console.print(f"Square Attack found {found} triplet(s) APGD missed"

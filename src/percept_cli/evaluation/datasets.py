@@ -1,8 +1,11 @@
 """Human-judgement datasets in their real on-disk layouts, indexed and validated without decoding.
 
 * NIGHTS (Fu et al., 2023): ``data.csv`` + ``ref/`` + ``distort/``; rows with ``votes >= 6``.
-* BAPPS 2AFC (Zhang et al., 2018): ``2afc/{train,val}/<subset>/{ref,p0,p1,judge}``, paired by stem.
-* THINGS odd-one-out (Hebart et al.): a triplet file of image names over an image folder.
+* BAPPS 2AFC (Zhang et al., 2018): ``2afc/{train,val}/<subset>/{ref,p0,p1,judge}``, paired by stem,
+  in sorted path order (as the authors' loader lists them).
+* THINGS odd-one-out (Hebart et al.): either a file of three image names per line (DreamSim's
+  ``things_valset.txt``), or Hebart et al.'s tab-separated triplet file (1-based indices into an
+  image list of 1854 paths; the fourth column is the position 1-3 of the odd one out).
 * custom: a CSV ``ref,left,right,label`` with paths relative to the CSV.
 
 Every problem (missing layout, missing column, unknown split, mismatched folders, a missing
@@ -31,6 +34,8 @@ NIGHTS_MIN_VOTES = 6
 BAPPS_SPLITS = ("train", "val")
 BAPPS_VAL_SUBSETS = ("traditional", "cnn", "superres", "deblur", "color", "frameinterp")
 BAPPS_FOLDERS = ("ref", "p0", "p1", "judge")
+THINGS_IMAGES = 1854
+THINGS_IMAGE_LIST = "image_paths.txt"
 
 
 @dataclass(frozen=True)
@@ -46,7 +51,7 @@ class TwoAFCTriplet:
 
     @property
     def label(self) -> int:
-        """The majority answer: 1 if the right candidate won (p_right > 0.5), else 0."""
+        """The majority answer: 1 if the right candidate won (p_right > 0.5), else 0 (a 0.5 tie: left)."""
         return int(self.p_right > 0.5)
 
 
@@ -80,8 +85,11 @@ class DatasetIndex:
 
 
 def load_dataset(name: str, root: str | Path, split: str | None = None, subsets: Sequence[str] = (),
-                 triplets_file: str | Path | None = None) -> DatasetIndex:
-    """Index and validate a dataset. Raises BadInputError naming what is wrong and where."""
+                 triplets_file: str | Path | None = None, image_list: str | Path | None = None) -> DatasetIndex:
+    """Index and validate a dataset. Raises BadInputError naming what is wrong and where.
+
+    ``triplets_file`` / ``image_list``: THINGS only (defaults ``ROOT/triplets.txt``, ``ROOT/image_paths.txt``).
+    """
     key = (name or "").strip().lower()
     if key not in DATASETS:
         raise BadInputError(f"unknown dataset '{name}'; use one of {', '.join(DATASETS)}.")
@@ -93,7 +101,7 @@ def load_dataset(name: str, root: str | Path, split: str | None = None, subsets:
     if key == "bapps":
         return _bapps(root, split or "val", subsets)
     if key == "things":
-        return _things(root, triplets_file)
+        return _things(root, triplets_file, image_list)
     return _custom(root)
 
 
@@ -110,6 +118,25 @@ def subsample(index: DatasetIndex, n: int | None, seed: int) -> DatasetIndex:
     for pool in pools:
         chosen.extend(pool if n >= len(pool) else random.Random(seed).sample(pool, n))
     return replace(index, items=[index.items[i] for i in sorted(chosen)])
+
+
+def first_per_group(index: DatasetIndex, n: int) -> frozenset[str]:
+    """Ids of the first ``n`` items of each BAPPS subset (of the whole index otherwise), in index order.
+
+    Index order is the dataset's canonical order: sorted path order within a BAPPS subset, the
+    row order of data.csv (NIGHTS) or of the CSV (custom), the line order of a THINGS file.
+    """
+    if n < 1:
+        raise BadInputError(f"--first must be positive; got {n}.")
+    per_group = index.name == "bapps"
+    taken: dict[str, int] = {}
+    chosen = []
+    for item in index.items:
+        key = item.group if per_group else ""
+        if taken.get(key, 0) < n:
+            taken[key] = taken.get(key, 0) + 1
+            chosen.append(item.id)
+    return frozenset(chosen)
 
 
 def _require_file(path: Path, where: str) -> str:
@@ -160,15 +187,23 @@ def _nights(root: Path, split: str) -> DatasetIndex:
                 continue
         elif row_split != split:
             continue
-        right = _number(row["right_vote"], where, "right_vote")
-        left = _number(row["left_vote"], where, "left_vote")
-        p_right = right if right <= 1 else right / max(left + right, 1e-12)  # counts -> fraction
+        p_right = _vote_fraction(row, where)
         items.append(TwoAFCTriplet(row["id"], _require_file(root / row["ref_path"], where),
                                    _require_file(root / row["left_path"], where),
                                    _require_file(root / row["right_path"], where), p_right, split))
     if not items:
         raise BadInputError(f"{table}: no triplets with votes >= {NIGHTS_MIN_VOTES} in split '{split}'.")
     return DatasetIndex("nights", str(root), "2afc", split, items, [split])
+
+
+def _vote_fraction(row: dict, where: str) -> float:
+    """right_vote / (left_vote + right_vote): the same for fractions (summing to 1) and for vote counts."""
+    right = _number(row["right_vote"], where, "right_vote")
+    left = _number(row["left_vote"], where, "left_vote")
+    if left < 0 or right < 0 or left + right <= 0:
+        raise BadInputError(f"{where}: left_vote and right_vote must be non-negative and not both 0; "
+                            f"got {left:g} and {right:g}.")
+    return right / (left + right)
 
 
 def _images_by_stem(folder: Path, suffixes) -> dict[str, Path]:
@@ -209,7 +244,7 @@ def _bapps(root: Path, split: str, subsets: Sequence[str]) -> DatasetIndex:
                 raise BadInputError(f"{sub}: folders ref/p0/p1/judge do not match ({len(maps['ref'])} ref, "
                                     f"{len(maps['p0'])} p0, {len(maps['p1'])} p1, {len(maps['judge'])} judge; "
                                     f"e.g. {', '.join(odd)} not in every folder).")
-        for stem in sorted(stems):
+        for stem in sorted(stems, key=lambda s: str(maps["ref"][s])):  # sorted path order, as the authors
             judge = _judge(maps["judge"][stem])
             items.append(TwoAFCTriplet(f"{subset}/{stem}", str(maps["ref"][stem]), str(maps["p0"][stem]),
                                        str(maps["p1"][stem]), judge, subset))
@@ -226,19 +261,33 @@ def _judge(path: Path) -> float:
     return value
 
 
-def _things(root: Path, triplets_file: str | Path | None) -> DatasetIndex:
+def _things(root: Path, triplets_file: str | Path | None, image_list: str | Path | None) -> DatasetIndex:
     table = Path(triplets_file) if triplets_file else root / "triplets.txt"
     if not table.is_file():
         raise BadInputError(f"THINGS triplet file {table} not found (pass --triplets FILE).")
+    try:
+        lines = table.read_text(encoding="utf-8-sig").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BadInputError(f"{table}: cannot read ({exc}).") from exc
+    rows = [(no, line) for no, line in enumerate(lines, start=1) if line.strip() and not line.strip().startswith("#")]
+    if rows and len(rows[0][1].split("\t")) >= 4:  # Hebart et al.: image1, image2, image3, choice, ...
+        items = _things_hebart(root, table, rows, image_list)
+    else:
+        items = _things_names(root, table, rows)
+    if not items:
+        raise BadInputError(f"{table}: no triplets.")
+    return DatasetIndex("things", str(root), "odd-one-out", None, items, ["things"])
+
+
+def _things_names(root: Path, table: Path, rows) -> list[OddOneOut]:
+    """Three image names (name, stem or path relative to ROOT) per line; the third is the odd one out."""
     lookup: dict[str, Path | None] = {}
     for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()):
         for key in {path.relative_to(root).as_posix(), path.name, path.stem}:
             lookup[key] = None if key in lookup and lookup[key] != path else path
     items = []
-    for line_no, line in enumerate(table.read_text(encoding="utf-8").splitlines(), start=1):
+    for line_no, line in rows:
         names = [t for t in re.split(r"[,\s]+", line.strip()) if t]
-        if not names or names[0].startswith("#"):
-            continue
         if len(names) != 3:
             raise BadInputError(f"{table}, line {line_no}: expected 3 image names, got {len(names)}.")
         paths = []
@@ -250,9 +299,58 @@ def _things(root: Path, triplets_file: str | Path | None) -> DatasetIndex:
                                     "use its relative path.")
             paths.append(str(lookup[name]))
         items.append(OddOneOut(str(line_no), tuple(paths), "things"))
-    if not items:
-        raise BadInputError(f"{table}: no triplets.")
-    return DatasetIndex("things", str(root), "odd-one-out", None, items, ["things"])
+    return items
+
+
+def _things_hebart(root: Path, table: Path, rows, image_list: str | Path | None) -> list[OddOneOut]:
+    """Tab-separated ``image1 image2 image3 choice ...``: 1-based indices into the image list, and
+    ``choice`` = the position (1, 2 or 3) of the odd one out. A non-numeric first line is a header."""
+    if not rows[0][1].split("\t")[0].strip().isdigit():
+        rows = rows[1:]
+    listing, entries = _things_image_list(root, table, image_list)
+    found: dict[int, str] = {}
+    items = []
+    for line_no, line in rows:
+        where = f"{table}, line {line_no}"
+        fields = [f.strip() for f in line.split("\t")]
+        if len(fields) < 4 or not all(f.isdigit() for f in fields[:4]):
+            raise BadInputError(f"{where}: expected tab-separated image1, image2, image3 (1-based indices into "
+                                f"{listing.name}) and choice (1-3); got '{line.strip()[:80]}'.")
+        *index, choice = (int(f) for f in fields[:4])
+        bad = [i for i in index if not 1 <= i <= THINGS_IMAGES]
+        if bad:
+            raise BadInputError(f"{where}: image index {bad[0]} is outside 1..{THINGS_IMAGES} ({listing}).")
+        if not 1 <= choice <= 3:
+            raise BadInputError(f"{where}: choice {choice} is not a position 1, 2 or 3 (the odd one out among the "
+                                "three images of the row).")
+        order = [k for k in range(3) if k != choice - 1] + [choice - 1]  # the kept pair first, the odd one last
+        paths = []
+        for k in order:
+            i = index[k]
+            if i not in found:
+                found[i] = _require_file(root / entries[i - 1], f"{where} (image {i} = {listing}, line {i})")
+            paths.append(found[i])
+        items.append(OddOneOut(str(line_no), tuple(paths), "things"))
+    return items
+
+
+def _things_image_list(root: Path, table: Path, image_list: str | Path | None) -> tuple[Path, list[str]]:
+    path = Path(image_list) if image_list else root / THINGS_IMAGE_LIST
+    if not path.is_file():
+        raise BadInputError(f"{table} uses image indices (Hebart et al.'s format): pass --image-list FILE, the "
+                            f"{THINGS_IMAGES} image paths (relative to --root) one per line; {path} not found.")
+    try:
+        entries = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BadInputError(f"{path}: cannot read ({exc}).") from exc
+    while entries and not entries[-1]:
+        entries.pop()
+    if "" in entries:
+        raise BadInputError(f"{path}, line {entries.index('') + 1}: empty line in the image list.")
+    if len(entries) != THINGS_IMAGES:
+        raise BadInputError(f"{path}: expected {THINGS_IMAGES} image paths (one per THINGS concept), "
+                            f"found {len(entries)}.")
+    return path, entries
 
 
 def _custom(table: Path) -> DatasetIndex:

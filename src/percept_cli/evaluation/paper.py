@@ -1,7 +1,7 @@
 """Our ``eval-2afc`` numbers beside the ones published for the zoo models.
 
 ``compare_with_paper(load_results(path))`` reads a results document (schema
-``percept.eval-2afc/1``, see :mod:`.results`) and pairs every summary number with the zoo's
+``percept.eval-2afc/2``, see :mod:`.results`) and pairs every summary number with the zoo's
 :class:`~percept_cli.models.zoo.PublishedResult` for the same model, benchmark (dataset, split,
 subset), threat model and radius. No torch import: this is bookkeeping on a JSON file.
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..errors import BadInputError
 from ..models.zoo import THREATS, ModelSpec, find_spec
-from .results import SCHEMA
+from .results import check_schema
 
 _NIGHTS_SPLITS = {"test": "nights", "test_imagenet": "nights_imagenet", "test_no_imagenet": "nights_no_imagenet"}
 
@@ -32,7 +32,8 @@ def load_results(path: str | Path) -> dict:
         raise BadInputError(f"{path}: file not found.") from None
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise BadInputError(f"{path}: not a readable JSON file ({type(exc).__name__}).") from None
-    if not (isinstance(doc, dict) and doc.get("schema") == SCHEMA and isinstance(doc.get("models"), dict)
+    check_schema(doc, str(path))
+    if not (isinstance(doc.get("models"), dict)
             and isinstance(doc.get("dataset"), dict) and isinstance(doc.get("radii") or [], list)
             and isinstance(doc.get("attack") or {}, dict)
             and all(isinstance(e, dict) and isinstance(e.get("summary") or {}, dict) for e in doc["models"].values())):

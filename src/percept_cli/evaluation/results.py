@@ -1,7 +1,8 @@
 """The self-describing results file of ``percept eval-2afc``, written atomically, resumable.
 
-One JSON document: settings (dataset, split, N, seed, attack), versions, and per model its
-source and resolved revision, device, dtype, wall time, summary, and per-triplet outcomes.
+One JSON document: settings (dataset, split, N, first, protocol, seed, attack), versions, and per
+model its source and resolved revision, device, dtype, preprocessing (the model's own and the one
+the evaluation used), wall time, summary, and per-triplet outcomes.
 While a run is going, each process also flushes its own partial records next to the file
 (``<out>.rank<R>.partial.json``); ``--resume`` merges them, and the final write removes them.
 """
@@ -16,8 +17,18 @@ from pathlib import Path
 from ..errors import BadInputError
 from ..io.outputs import atomic_path
 
-SCHEMA = "percept.eval-2afc/1"
-_MATCHING_KEYS = ("dataset", "attack", "radii", "seed")
+SCHEMA = "percept.eval-2afc/2"  # /2: `clean` is binarised accuracy, `clean_score` the LPIPS score; protocol
+
+
+def check_schema(record, where: str) -> None:
+    """Raise BadInputError unless ``record`` is a results document of this schema (an older one: say so)."""
+    schema = record.get("schema") if isinstance(record, dict) else None
+    if isinstance(schema, str) and schema.startswith("percept.eval-2afc/") and schema != SCHEMA:
+        raise BadInputError(f"{where}: written by an older percept ({schema}; this one writes {SCHEMA}); "
+                            "rerun the evaluation.")
+    if schema != SCHEMA:
+        raise BadInputError(f"{where}: not a percept eval-2afc results file.")
+_MATCHING_KEYS = ("dataset", "protocol", "attack", "radii", "seed")
 
 
 def versions() -> dict:
@@ -31,7 +42,7 @@ def versions() -> dict:
 
 
 def new_record(settings: dict) -> dict:
-    """An empty results document for ``settings`` (dataset, attack, radii, seed)."""
+    """An empty results document for ``settings`` (dataset, protocol, attack, radii, seed)."""
     return {"schema": SCHEMA, "status": "partial", "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "versions": versions(), **settings, "models": {}}
 
@@ -74,8 +85,7 @@ def load_for_resume(path: Path, settings: dict) -> dict:
         raise BadInputError(f"--resume {path}: file not found.")
     if record is None:
         record = new_record(settings)
-    if record.get("schema") != SCHEMA:
-        raise BadInputError(f"--resume {path}: not a percept eval-2afc results file.")
+    check_schema(record, f"--resume {path}")
     different = [k for k in _MATCHING_KEYS if record.get(k) != settings.get(k)]
     if different:
         raise BadInputError(f"--resume {path} was made with different {', '.join(different)}; "

@@ -4,13 +4,14 @@ Per model, work happens in fixed global batches so that a resumed run and a run 
 several processes compute every batch exactly as an uninterrupted single-process run does:
 
 1. every distinct image is embedded once (DataLoader workers decode), in batches of the global
-   first-use order;
-2. clean scores per triplet: ``(d0<d1)(1-p) + (d1<d0)p + 0.5(d0==d1)`` with p the fraction of
-   people who chose the right candidate (ties count 0.5, as LPIPS/DreamSim score it);
-3. under attack, triplets the model gets right (majority label p > 0.5) are attacked in batches of
-   the list of such triplets, APGD on the reference with both candidates' embeddings fixed, early
-   stopping on; radii ascending, each radius attacking the survivors of the previous one (a point
-   broken inside a smaller ball is broken inside every larger one).
+   first-use order, with the protocol's geometry (:func:`input_preprocess`);
+2. per triplet: ``clean_correct`` (the nearer candidate is the majority's, p > 0.5; a tie is wrong),
+   the paper's binarised accuracy, and the LPIPS/DreamSim score ``(d0<d1)(1-p) + (d1<d0)p +
+   0.5(d0==d1)`` with p the fraction of people who chose the right candidate;
+3. under attack, the triplets to attack (all, or ``plan.attack_ids``) that the model gets right are
+   attacked in batches of the list of such triplets, APGD on the reference with both candidates'
+   embeddings fixed, early stopping on; radii ascending, each radius attacking the survivors of
+   the previous one (a point broken inside a smaller ball is broken inside every larger one).
 """
 
 from __future__ import annotations
@@ -24,21 +25,47 @@ import torch
 
 from ..attacks import AttackSettings
 from ..attacks.tasks import attack_2afc_embedded, save_ready
-from .datasets import DatasetIndex, OddOneOut
 from ..distributed import Dist, gather
+from ..errors import BadInputError
+from ..io.preprocess import Preprocess
+from .datasets import DatasetIndex, OddOneOut
 
 Progress = Callable[..., None]
+PROTOCOLS = ("paper", "native")
 
 
 @dataclass
 class EvalPlan:
-    """What to measure: ``radii`` ascending (empty = clean only) with ``attack`` as base settings."""
+    """What to measure: ``radii`` ascending (empty = clean only) with ``attack`` as base settings.
+
+    ``attack_ids``: the ids of the triplets to attack (None: every one); clean scores cover all.
+    ``protocol``: ``paper`` or ``native`` (see :func:`input_preprocess`).
+    """
 
     radii: list[float]
     attack: Optional[AttackSettings]
     batch_size: int = 32
     save_adv: Optional[Path] = None
     flush_every: float = 60.0
+    attack_ids: Optional[frozenset] = None
+    protocol: str = "paper"
+
+
+def input_preprocess(metric, index: DatasetIndex, protocol: str = "paper") -> Optional[Preprocess]:
+    """The geometry the evaluation feeds the model, or None for the model's own preprocessing.
+
+    ``paper``: BAPPS' 64x64 patches are upsampled to the model's input size without a crop, with
+    bilinear antialiased resizing (torchvision's default ``Resize``, as the paper's authors do);
+    other datasets use the model's own preprocessing. ``native``: the model's own for every dataset.
+
+    Raises:
+        BadInputError: an unknown protocol.
+    """
+    if protocol not in PROTOCOLS:
+        raise BadInputError(f"unknown --protocol '{protocol}'; use {' or '.join(PROTOCOLS)}.")
+    if protocol == "paper" and index.name == "bapps":
+        return Preprocess(metric.image_size, crop=False, interpolation="bilinear")
+    return None
 
 
 def score_2afc(d_left: float, d_right: float, p_right: float) -> float:
@@ -53,14 +80,15 @@ def score_odd_one_out(s01: float, s02: float, s12: float) -> float:
 
 
 def embed_distinct(metric, paths: list[str], needed: set[str], batch_size: int, dist: Dist,
-                   progress: Optional[Progress] = None) -> dict[str, torch.Tensor]:
+                   progress: Optional[Progress] = None,
+                   preprocess: Optional[Preprocess] = None) -> dict[str, torch.Tensor]:
     """Embeddings (CPU) of the global batches that contain a needed image, shared by all ranks."""
     batches = [paths[i:i + batch_size] for i in range(0, len(paths), batch_size)]
     mine = [b for k, b in enumerate(batches) if dist.owns(k) and needed.intersection(b)]
     flat = [p for b in mine for p in b]
     local: dict[str, torch.Tensor] = {}
     if flat:
-        result = metric.embed_files(flat, batch_size=batch_size, progress=progress)
+        result = metric.embed_files(flat, batch_size=batch_size, progress=progress, preprocess=preprocess)
         emb = result.embeddings.cpu()
         local = {flat[i]: emb[row] for row, i in enumerate(result.indices)}
     merged: dict[str, torch.Tensor] = {}
@@ -73,7 +101,8 @@ def _needed(index: DatasetIndex, records: dict, attacking: bool) -> set[str]:
     need: set[str] = set()
     for item in index.items:
         rec = records.get(item.id)
-        if rec is None or (attacking and rec.get("clean_correct") and rec.get("robust_correct") is None):
+        if rec is None or (attacking and rec.get("attacked") and rec.get("clean_correct")
+                           and rec.get("robust_correct") is None):
             need.update(item.images if isinstance(item, OddOneOut) else (item.ref, item.left, item.right))
     return need
 
@@ -82,14 +111,17 @@ def evaluate_model(metric, index: DatasetIndex, plan: EvalPlan, records: dict, d
                    progress: Optional[Progress] = None, flush: Optional[Callable[[dict], None]] = None) -> dict:
     """Fill ``records`` (triplet id -> outcome) for every item of ``index``; returns the merged records."""
     attacking = bool(plan.radii) and index.task == "2afc"
+    preprocess = input_preprocess(metric, index, plan.protocol)
     needed = _needed(index, records, attacking)
     embeddings = embed_distinct(metric, index.distinct_images(), needed, plan.batch_size, dist,
-                                progress=(lambda n: progress(n, phase="embed")) if progress else None)
+                                progress=(lambda n: progress(n, phase="embed")) if progress else None,
+                                preprocess=preprocess)
     for item in index.items:
         if item.id not in records:
-            records[item.id] = _clean_record(item, embeddings, len(plan.radii) if attacking else 0)
+            attacked = attacking and (plan.attack_ids is None or item.id in plan.attack_ids)
+            records[item.id] = _clean_record(item, embeddings, len(plan.radii) if attacked else 0)
     if attacking:
-        _attack_all(metric, index, plan, records, embeddings, dist, progress, flush)
+        _attack_all(metric, index, plan, records, embeddings, dist, progress, flush, preprocess)
     merged: dict = {}
     for part in gather(dist, records):
         for key, rec in part.items():
@@ -103,28 +135,29 @@ def _clean_record(item, emb: dict, n_radii: int) -> dict:
         a, b, c = (emb[p] for p in item.images)
         s01, s02, s12 = float(a @ b), float(a @ c), float(b @ c)
         return {"id": item.id, "group": item.group, "similarities": [s01, s02, s12],
-                "clean_score": score_odd_one_out(s01, s02, s12)}
+                "clean_score": score_odd_one_out(s01, s02, s12), "clean_correct": s01 > max(s02, s12)}
     ref, left, right = emb[item.ref], emb[item.left], emb[item.right]
     d_left, d_right = 1.0 - float(ref @ left), 1.0 - float(ref @ right)
     label = item.label
     margin = (d_left - d_right) if label == 1 else (d_right - d_left)  # > 0: the majority answer wins
     rec = {"id": item.id, "group": item.group, "p_right": item.p_right, "label": label, "d_left": d_left,
            "d_right": d_right, "clean_score": score_2afc(d_left, d_right, item.p_right),
-           "clean_correct": margin > 0, "clean_margin": margin, "robust_correct": None, "margin": None}
+           "clean_correct": margin > 0, "clean_margin": margin, "attacked": n_radii > 0, "robust_correct": None,
+           "margin": None, "low_precision_only": None}
     if n_radii and not rec["clean_correct"]:  # already wrong: broken at every radius, nothing to attack
         rec.update(robust_correct=[False] * n_radii, margin=[margin] * n_radii)
     return rec
 
 
-def _attack_all(metric, index, plan, records, embeddings, dist, progress, flush) -> None:
+def _attack_all(metric, index, plan, records, embeddings, dist, progress, flush, preprocess) -> None:
     position = {item.id: k for k, item in enumerate(index.items)}
-    targets = [item for item in index.items if records[item.id]["clean_correct"]]
+    targets = [item for item in index.items if records[item.id]["attacked"] and records[item.id]["clean_correct"]]
     batches = [targets[i:i + plan.batch_size] for i in range(0, len(targets), plan.batch_size)]
     last_flush = time.monotonic()
     for k, batch in enumerate(batches):
         if not dist.owns(k) or all(records[t.id]["robust_correct"] is not None for t in batch):
             continue
-        _attack_batch(metric, batch, plan, records, embeddings, position)
+        _attack_batch(metric, batch, plan, records, embeddings, position, preprocess)
         if progress:
             progress(len(batch), phase="attack", records=records)
         if flush and time.monotonic() - last_flush >= plan.flush_every:
@@ -132,17 +165,17 @@ def _attack_all(metric, index, plan, records, embeddings, dist, progress, flush)
             last_flush = time.monotonic()
 
 
-def _attack_batch(metric, batch, plan, records, embeddings, position) -> None:
-    ref = metric.pixels([t.ref for t in batch])
+def _attack_batch(metric, batch, plan, records, embeddings, position, preprocess=None) -> None:
+    ref = metric.pixels([t.ref for t in batch], preprocess=preprocess)
     e_ref = torch.stack([embeddings[t.ref] for t in batch])
     e_left = torch.stack([embeddings[t.left] for t in batch])
     e_right = torch.stack([embeddings[t.right] for t in batch])
     label = torch.tensor([t.label for t in batch])
     ids = torch.tensor([position[t.id] for t in batch])
     n = len(plan.radii)
-    robust = [[True] * n for _ in batch]
-    margins = [[records[t.id]["clean_margin"]] * n for t in batch]
-    square_found = [[False] * n for _ in batch]
+    out = [{"robust_correct": [True] * n, "margin": [records[t.id]["clean_margin"]] * n,
+            "square_found": [False] * n, "low_precision_only": [False] * n} for t in batch]
+    low_precision_known = True
     alive = torch.arange(len(batch))
     for r, eps in enumerate(plan.radii):
         if alive.numel() == 0:
@@ -151,23 +184,35 @@ def _attack_batch(metric, batch, plan, records, embeddings, position) -> None:
                                       replace(plan.attack, eps=eps), early_stop=True, example_ids=ids[alive],
                                       e_ref=e_ref[alive])
         held = report.robust_correct.cpu()
-        margin = report.margin.cpu()
-        for j, row in enumerate(alive.tolist()):
-            if not bool(held[j]):
-                for later in range(r, n):
-                    robust[row][later] = False
-                    margins[row][later] = float(margin[j])
-                if report.found_by_square is not None and bool(report.found_by_square[j]):
-                    square_found[row][r] = True
-            else:
-                margins[row][r] = float(margin[j])
+        low = getattr(report, "broken_low_precision_only", None)  # bf16/fp16 broke it, the fp32 check did not
+        low_precision_known = low_precision_known and low is not None
+        _record_radius(out, alive.tolist(), r, held, report.margin.cpu(), report.found_by_square, low)
         if plan.save_adv is not None:
             _save_adversarial(plan.save_adv, [batch[i] for i in alive.tolist()], report.x_adv, ref[alive], eps,
                               plan.attack.norm)
         alive = alive[held]
-    for t, rob, mar, sq in zip(batch, robust, margins, square_found):
-        records[t.id].update(robust_correct=rob, margin=mar,
-                             square_found=sq if plan.attack.square_queries > 0 else None)
+    for t, result in zip(batch, out):
+        if plan.attack.square_queries <= 0:
+            result["square_found"] = None
+        if not low_precision_known:
+            result["low_precision_only"] = None
+        records[t.id].update(result)
+
+
+def _record_radius(out: list[dict], rows: list[int], r: int, held, margin, square_found, low) -> None:
+    """Outcomes at radius index ``r`` of the attacked rows; a break is carried to every larger radius."""
+    n = len(out[0]["robust_correct"])
+    for j, row in enumerate(rows):
+        if low is not None and bool(low[j]):
+            out[row]["low_precision_only"][r] = True
+        if bool(held[j]):
+            out[row]["margin"][r] = float(margin[j])
+            continue
+        for later in range(r, n):
+            out[row]["robust_correct"][later] = False
+            out[row]["margin"][later] = float(margin[j])
+        if square_found is not None and bool(square_found[j]):
+            out[row]["square_found"][r] = True
 
 
 def _save_adversarial(folder: Path, items, x_adv, x, eps, norm) -> None:
@@ -182,30 +227,45 @@ def _save_adversarial(folder: Path, items, x_adv, x, eps, norm) -> None:
 
 
 def summarize(index: DatasetIndex, records: dict, radii: list[float]) -> dict:
-    """Per group and overall: clean score, binary clean accuracy, robust accuracy per radius.
+    """Per group and overall: ``clean`` (binarised accuracy, the headline), ``clean_score`` (LPIPS/
+    DreamSim score, ties 0.5), ``n``; with radii, ``n_attacked`` and ``robust`` per radius (over the
+    attacked triplets), and ``low_precision_only`` per radius when the attack reports it.
 
-    Overall is the mean over subsets for BAPPS (as published), the mean over triplets otherwise.
+    Overall is the mean over subsets for BAPPS (as published; counts are summed), the mean over
+    triplets otherwise.
     """
     by_group: dict[str, list[dict]] = {g: [] for g in index.groups}
     for item in index.items:
         by_group[item.group].append(records[item.id])
     groups = {g: _stats(recs, radii) for g, recs in by_group.items() if recs}
-    if index.name == "bapps":
-        keys = [k for k in ("clean", "clean_binary") if all(s.get(k) is not None for s in groups.values())]
-        overall = {k: sum(s[k] for s in groups.values()) / len(groups) for k in keys}
-        overall["n"] = sum(s["n"] for s in groups.values())
-        if radii:
-            overall["robust"] = [sum(s["robust"][r] for s in groups.values()) / len(groups) for r in range(len(radii))]
-    else:
-        overall = _stats([records[item.id] for item in index.items], radii)
+    if index.name != "bapps":
+        return {"overall": _stats([records[item.id] for item in index.items], radii), "groups": groups}
+    stats = list(groups.values())
+    overall: dict = {}
+    for key in ("n", "clean", "clean_score", "n_attacked", "robust", "low_precision_only"):
+        values = [s[key] for s in stats if key in s]
+        if not values or (len(values) != len(stats) and key != "low_precision_only"):
+            continue
+        if key in ("clean", "clean_score"):
+            overall[key] = sum(values) / len(values)
+        elif key == "robust":
+            overall[key] = [sum(v[r] for v in values) / len(values) for r in range(len(radii))]
+        elif key == "low_precision_only":
+            overall[key] = [sum(v[r] for v in values) for r in range(len(radii))]
+        else:
+            overall[key] = sum(values)
     return {"overall": overall, "groups": groups}
 
 
 def _stats(recs: list[dict], radii: list[float]) -> dict:
     n = len(recs)
-    out = {"n": n, "clean": sum(r["clean_score"] for r in recs) / n}
-    if "clean_correct" in recs[0]:
-        out["clean_binary"] = sum(bool(r["clean_correct"]) for r in recs) / n
-    if radii and recs[0].get("robust_correct") is not None:
-        out["robust"] = [sum(bool(r["robust_correct"][k]) for r in recs) / n for k in range(len(radii))]
+    out = {"n": n, "clean": sum(bool(r["clean_correct"]) for r in recs) / n,
+           "clean_score": sum(r["clean_score"] for r in recs) / n}
+    attacked = [r for r in recs if r.get("attacked")]
+    if radii and attacked:
+        out["n_attacked"] = len(attacked)
+        out["robust"] = [sum(bool(r["robust_correct"][k]) for r in attacked) / len(attacked) for k in range(len(radii))]
+        flags = [r["low_precision_only"] for r in attacked if r.get("low_precision_only") is not None]
+        if flags:
+            out["low_precision_only"] = [sum(bool(f[k]) for f in flags) for k in range(len(radii))]
     return out

@@ -23,6 +23,7 @@ from torch import nn
 from . import hub
 from ..io.preprocess import Preprocess
 from .encoder import PixelEncoder, TextEncoder
+from .pooling import check_pooling, refuse_pooling, set_vit_pooling
 from ..errors import BadInputError, ModelFormatError, ModelUnavailableError
 from .naming import ModelRef
 
@@ -177,47 +178,6 @@ def _load_timm(files: hub.ModelFiles, keep: Optional[dict] = None,
     return model, tuple(mean), tuple(std), size, pooling
 
 
-# How a timm ViT's tokens become the embedding.
-POOLINGS = {
-    "cls_prenorm": "the class token after the last block, before the final LayerNorm (DreamSim's DINO features)",
-    "token": "timm's own output: the class token after the final LayerNorm",
-}
-
-
-def set_vit_pooling(model: nn.Module, pooling: Optional[str], arch: str) -> Optional[str]:
-    """Make a timm ViT return the embedding ``pooling`` names; returns the pooling in force.
-
-    ``None`` keeps timm's own pooling (reported as its ``global_pool``; None for non-ViTs).
-    ``cls_prenorm`` replaces the final ``norm`` by an identity, so ``forward`` returns the
-    last block's class token (only for ViTs that pool the class token without an ``fc_norm``).
-
-    Raises:
-        BadInputError: an unknown pooling, or one the model cannot provide.
-    """
-    from timm.models.vision_transformer import VisionTransformer
-
-    is_vit = isinstance(model, VisionTransformer)
-    if pooling is None:
-        return (getattr(model, "global_pool", None) or None) if is_vit else None
-    check_pooling(pooling)
-    pools_token = (is_vit and model.global_pool == "token" and model.has_class_token
-                   and getattr(model, "attn_pool", None) is None and isinstance(model.fc_norm, nn.Identity)
-                   and isinstance(model.head, nn.Identity))
-    if not pools_token:
-        what = f"pools '{model.global_pool}'" if is_vit else f"is a {type(model).__name__}, not a timm ViT"
-        raise BadInputError(f"pooling '{pooling}' needs a timm ViT that pools its class token; '{arch}' {what}.",
-                            "Leave the pooling at the model's default.")
-    if pooling == "cls_prenorm":
-        model.norm = nn.Identity()
-    return pooling
-
-
-def check_pooling(pooling: Optional[str]) -> None:
-    """Raise BadInputError unless ``pooling`` is None or one of :data:`POOLINGS`."""
-    if pooling is not None and pooling not in POOLINGS:
-        raise BadInputError(f"unknown pooling '{pooling}'; use one of: {', '.join(POOLINGS)}.")
-
-
 def _needs_quick_gelu(ref: ModelRef) -> bool:
     """A zoo entry derived from OpenAI's CLIP (its architecture is a ``-quickgelu`` one)."""
     return bool(ref.spec and ref.spec.arch and "quickgelu" in ref.spec.arch.lower())
@@ -280,7 +240,7 @@ def load_encoder_and_text(ref: ModelRef, device: torch.device | str = "cpu", dty
 
     A visual-encoder checkpoint (``--checkpoint``) has no trained text tower: None as well.
     ``resize``/``crop`` override the preprocessing geometry (see :func:`input_geometry`);
-    ``pooling`` overrides how a timm ViT's tokens become the embedding (a key of :data:`POOLINGS`;
+    ``pooling`` overrides how a timm ViT's tokens become the embedding (a key of :data:`.pooling.POOLINGS`;
     default: the zoo entry's, else timm's own).
 
     Raises:
@@ -292,7 +252,7 @@ def load_encoder_and_text(ref: ModelRef, device: torch.device | str = "cpu", dty
         pooling = ref.spec.pooling
     keep: Optional[dict] = {} if with_text else None
     if ref.kind == "checkpoint":
-        _refuse_pooling(pooling, ref.name)
+        refuse_pooling(pooling, ref.name)
         backbone, mean, std, size = _load_open_clip_checkpoint(ref.identifier, ref.checkpoint)
         _check_quick_gelu(backbone, ref, f"architecture '{ref.identifier}'")
         source = ModelSource(ref.name, "checkpoint", ref.identifier, hub.OPEN_CLIP,
@@ -300,7 +260,7 @@ def load_encoder_and_text(ref: ModelRef, device: torch.device | str = "cpu", dty
     else:
         files = resolve_files(ref)
         if files.family == hub.OPEN_CLIP:
-            _refuse_pooling(pooling, ref.name)
+            refuse_pooling(pooling, ref.name)
             backbone, mean, std, size = _load_open_clip(files, keep, quick_gelu=_needs_quick_gelu(ref))
             _check_quick_gelu(backbone, ref, str(files.config_path or f"OpenCLIP built-in '{files.arch}'"))
         else:
@@ -321,12 +281,6 @@ def load_encoder_and_text(ref: ModelRef, device: torch.device | str = "cpu", dty
             tokenizer = open_clip.get_tokenizer(keep["tokenizer"])
         text = TextEncoder(keep["model"], tokenizer).eval().requires_grad_(False).to(device)
     return encoder, source, text
-
-
-def _refuse_pooling(pooling: Optional[str], name: str) -> None:
-    if pooling is not None:
-        raise BadInputError(f"pooling '{pooling}' applies to timm ViTs; '{name}' is an OpenCLIP model, "
-                            "whose visual tower pools its own way.")
 
 
 NO_CROP = 0
