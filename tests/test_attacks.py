@@ -90,12 +90,14 @@ def test_more_restarts_never_help_the_model(metric, triplets):
 
 @pytest.mark.parametrize("norm, eps", [("l2", 0.1), ("linf", 0.1 / 255)])
 def test_apgd_at_least_as_strong_as_pgd(metric, triplets, norm, eps):
-    ref, left, right = triplets
+    # 12 triplets x 10 iterations (was 24 x 20, 3x the time): with this budget fixed-step PGD at eps/10
+    # still leaves one l2 point unbroken that APGD breaks, so the comparison is not a tie everywhere
+    ref, left, right = (t[:12] for t in triplets)
     with torch.no_grad():
         e_left, e_right = metric.embed_pixels(left), metric.embed_pixels(right)
         label = (metric.embed_pixels(ref) @ e_right.T).diag().gt((metric.embed_pixels(ref) @ e_left.T).diag()).long()
     objective = TwoAFCObjective(metric.encoder, e_left, e_right, label)
-    n = 20
+    n = 10
     a = apgd(objective, ref, eps, norm, n, seed=1)
     a_acc = float((~a.broken).float().mean())
     for step in (2.5 * eps / n, eps / 10, eps / 4, eps):
@@ -312,3 +314,42 @@ def test_attack_2afc_json_counts_low_precision_only_breaks(image_dir, monkeypatc
     assert doc["broken_low_precision_only"] == expected
     text = CliRunner().invoke(app, [str(a) for a in args]).output
     assert ("fp32 re-check did not" in text) == bool(expected)
+
+
+def _linear_metric(size=8):
+    torch.manual_seed(0)
+    return _stub_metric(nn.Sequential(nn.Flatten(), nn.Linear(3 * size * size, 6)), size)
+
+
+@pytest.mark.parametrize("call, argument", [
+    (lambda m, x: attack_2afc(m, x, x[:3], x), "left"),
+    (lambda m, x: attack_2afc(m, x, x, x[:2]), "right"),
+    (lambda m, x: attack_2afc(m, x[:, :, :6, :6], x, x), "ref"),  # not at the model's input size
+    (lambda m, x: attack_2afc(m, x * 255, x, x), "ref"),
+    (lambda m, x: attack_2afc(m, "r.png", x, x), "ref"),
+    (lambda m, x: attack_2afc(m, x, None, x), "left"),
+    (lambda m, x: attack_2afc(m, x, x, x, torch.tensor([0, 1])), "label"),
+    (lambda m, x: attack_2afc(m, x, x, x, torch.tensor([0, 1, 2, 0])), "label"),
+    (lambda m, x: attack_2afc_embedded(m, x, torch.zeros(4, 6), torch.zeros(3, 6)), "e_right"),
+    (lambda m, x: attack_2afc_embedded(m, x, torch.zeros(4, 6), torch.zeros(4, 5)), "e_right"),
+    (lambda m, x: attack_2afc_embedded(m, x, x, x), "e_left"),
+    (lambda m, x: attack_embedding(m, x, targets=torch.rand(2, 4, 8, 8)), "targets"),
+    (lambda m, x: attack_embedding(m, x.numpy() * 2), "images"),
+])
+def test_attack_arguments_are_checked_naming_the_argument(call, argument):
+    from percept_cli.errors import BadInputError
+
+    x = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(BadInputError, match=rf"^{argument}:|\b{argument} \d") as info:
+        call(_linear_metric(), x)
+    assert "--" not in str(info.value)
+
+
+def test_attack_2afc_takes_uint8_and_numpy_like_float_pixels():
+    metric = _linear_metric()
+    x = torch.randint(0, 256, (3, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    settings = AttackSettings(norm="linf", eps=2 / 255, iters=2, random_start=False)
+    as_float = attack_2afc(metric, x.float() / 255, x.flip(0).float() / 255, x.roll(1, 0).float() / 255, None, settings)
+    as_uint8 = attack_2afc(metric, x, x.flip(0), x.roll(1, 0).numpy(), None, settings)
+    torch.testing.assert_close(as_uint8.x_adv, as_float.x_adv, atol=0, rtol=0)
+    torch.testing.assert_close(as_uint8.clean_similarity, as_float.clean_similarity, atol=0, rtol=0)

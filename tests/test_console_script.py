@@ -59,3 +59,13 @@ def test_help_does_not_import_torch():
     code = "import sys; from percept_cli.cli.app import app; print('torch' in sys.modules, 'open_clip' in sys.modules)"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.stdout.split() == ["False", "False"]
+
+
+@pytest.mark.parametrize("extra", [[], ["--json"]])
+def test_closed_pipe_exits_quietly(extra):
+    """`percept models list | head -1`: the reader leaves early; percept exits 0 with nothing on stderr."""
+    proc = subprocess.Popen(_percept() + ["models", "list", *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before percept writes (a `head` that has had its line)
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 0
+    assert err == b""

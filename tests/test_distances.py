@@ -15,7 +15,7 @@ def test_modes(image_dir, tmp_path):
     job = distances.plan_job([a, b, c])
     assert job.mode == "rank" and job.candidates == [b, c]
     job = distances.plan_job([a, str(image_dir)])
-    assert job.mode == "rank" and len(job.candidates) == 5
+    assert job.mode == "rank" and job.candidates == [str(image_dir / f"{n}.png") for n in "bcde"]  # no reference
     job = distances.plan_job([str(image_dir)])
     assert job.mode == "matrix" and job.rows == job.cols and job.row_names[0] == "a.png"
     other = tmp_path / "other"
@@ -79,4 +79,51 @@ def test_check_files_and_first_failure(image_dir, tmp_path):
     failures = distances.check_files([str(image_dir / "a.png"), str(bad), str(bad)])
     assert len(failures) == 2
     err = distances.first_failure_error(failures)
-    assert isinstance(err, ImageReadError) and "1 more" in str(err) and "--skip-bad" in str(err)
+    assert isinstance(err, ImageReadError) and "1 more" in str(err)
+    assert "--skip-bad" not in str(err) and "--skip-bad" in err.option_hints  # the CLI adds it where it exists
+
+
+def test_rank_lists_each_candidate_once_and_never_the_reference(image_dir, tmp_path):
+    a, b, c = (str(image_dir / f"{n}.png") for n in "abc")
+    link = tmp_path / "link-to-b.png"
+    link.symlink_to(image_dir / "b.png")
+    dotted = str(image_dir / ".." / image_dir.name / "c.png")
+    job = distances.plan_job([a, b, str(image_dir), dotted, str(link), str(image_dir / ".." / image_dir.name)])
+    expected = [b, str(image_dir / "c.png"), str(image_dir / "d.png"), str(image_dir / "e.png")]
+    assert job.mode == "rank" and job.candidates == expected  # first spelling kept, reference (a) left out
+    with pytest.raises(BadInputError, match="every candidate is the reference"):
+        distances.plan_job([a, str(tmp_path / ".." / tmp_path.name / "images" / "a.png"), a])
+    assert c in job.candidates
+
+
+def _ranked(records):
+    return [(r["rank"], r["b"], r["distance"]) for r in records]
+
+
+def test_top_and_threshold_select_the_nearest(tiny_vit, image_dir):
+    metric = load_metric(str(tiny_vit[0]), device="cpu")
+    files = [str(image_dir / f"{n}.png") for n in "abcde"]
+    job = distances.plan_job(files)
+    full = distances.run_job(metric, job).records
+    assert len(full) == 4 and files[0] not in [r["b"] for r in full]
+    top2 = distances.run_job(metric, job, top=2).records
+    assert _ranked(top2) == _ranked(full[:2])
+    cut = (full[1]["distance"] + full[2]["distance"]) / 2  # between the 2nd and 3rd nearest
+    near = distances.run_job(metric, job, threshold=cut).records
+    assert _ranked(near) == _ranked(full[:2]) and all(r["distance"] <= cut for r in near)
+    assert distances.run_job(metric, job, threshold=cut, top=1).records == full[:1]
+    assert distances.run_job(metric, job, threshold=0.0).records == []
+    with pytest.raises(BadInputError, match="top must be at least 1"):
+        distances.run_job(metric, job, top=0)
+    with pytest.raises(BadInputError, match="ranking"):
+        distances.run_job(metric, distances.plan_job(files[:2]), top=1)
+
+
+def test_identical_files_are_exactly_zero_and_distances_in_0_2(tiny_vit, image_dir):
+    metric = load_metric(str(tiny_vit[0]), device="cpu")
+    files = [str(image_dir / f"{n}.png") for n in "abcde"]
+    pairs = distances.run_job(metric, distances.DistanceJob("pairs", pairs=[(f, f) for f in files]))
+    assert [r["distance"] for r in pairs.records] == [0.0] * 5
+    matrix = distances.run_job(metric, distances.plan_job([str(image_dir)])).matrix
+    assert torch.equal(matrix.diagonal(), torch.zeros(5)) and float(matrix.min()) >= 0.0
+    assert float(matrix.max()) <= 2.0

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from percept_cli.errors import BadInputError, ImageReadError
-from percept_cli.io.images import MIN_SIDE, check_image, list_images, read_image
+from percept_cli.io.images import MIN_SIDE, check_image, list_images, path_problem, read_image
 
 
 def _pixel(img, xy):
@@ -26,7 +26,9 @@ def test_rgb_roundtrip_exact(tmp_path):
     (lambda p: None, "file not found"),
     (lambda p: p.mkdir(), "is a directory"),
     (lambda p: p.write_text("hello, I am not a picture"), "not an image"),
-    (lambda p: p.write_bytes(b""), "not an image"),
+    (lambda p: p.write_bytes(b""), "empty file"),
+    (lambda p: p.symlink_to(p), "symlink loop"),
+    (lambda p: p.symlink_to(p.with_name("elsewhere.png")), "broken symlink"),
 ])
 def test_unreadable_files(tmp_path, make, reason):
     path = tmp_path / "bad.png"
@@ -164,3 +166,28 @@ def test_list_images_empty_directory(tmp_path):
     (tmp_path / "readme.txt").write_text("no pictures here")
     with pytest.raises(BadInputError, match="no image files"):
         list_images(tmp_path)
+
+
+def test_path_problem_names_what_the_path_is(tmp_path):
+    import os
+
+    regular = tmp_path / "x.csv"
+    regular.write_text("a,b\n")
+    assert path_problem(regular) is None
+    assert path_problem(tmp_path / "missing.csv") == "file not found"
+    assert "directory" in path_problem(tmp_path)
+    assert "not a regular file" in path_problem(os.devnull)
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    assert "symlink loop" in path_problem(loop)
+
+
+def test_empty_directory_hint_is_an_option_hint(tmp_path):
+    (tmp_path / "sub").mkdir()
+    with pytest.raises(BadInputError) as info:
+        list_images(tmp_path)
+    assert "--recursive" not in str(info.value)  # the library names no CLI flag
+    assert "--recursive" in info.value.option_hints
+    with pytest.raises(BadInputError) as info:
+        list_images(tmp_path, recursive=True)
+    assert not info.value.option_hints

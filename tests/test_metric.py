@@ -133,3 +133,127 @@ def test_zoo_name_through_offline_cache(offline_hub):
 
 def make_picture_tensor(seed):
     return Preprocess(224)(make_picture(seed))
+
+
+# -- input checks, ranges and exact zeros (issue 9) -------------------------------------------
+def _uint8_images(seed, n=2):
+    return torch.randint(0, 256, (n, 3, 224, 224), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+def test_uint8_tensor_in_metric_call_is_scaled_like_distance(metric_and_model):
+    metric, model = metric_and_model
+    x, y = _uint8_images(0), _uint8_images(1)
+    expected = _direct_distance(model, x.float() / 255, y.float() / 255)  # OpenCLIP on raw pixels / 255
+    with torch.no_grad():
+        called = metric(x, y)
+    torch.testing.assert_close(called, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(called, metric.distance(x, y), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("which, scale, shift", [("x", 255.0, 0.0), ("y", 1.0, -0.5), ("x", 1.0, 0.01)])
+def test_float_input_outside_0_1_is_refused_naming_the_argument(metric_and_model, which, scale, shift):
+    metric, _ = metric_and_model
+    x, y = torch.rand(2, 3, 224, 224), torch.rand(2, 3, 224, 224)
+    x[0, 0, 0, 0] = y[0, 0, 0, 0] = 1.0
+    bad = {"x": x, "y": y}
+    bad[which] = bad[which] * scale + shift
+    with pytest.raises(BadInputError, match=rf"^{which}: image values must lie in \[0,1\]"):
+        metric(bad["x"], bad["y"])
+    with torch.no_grad():  # the documented escape: no check at all
+        assert metric(bad["x"], bad["y"], check=False).shape == (2,)
+
+
+def test_identical_images_are_exactly_zero_through_every_api(metric_and_model, image_dir):
+    metric, _ = metric_and_model
+    # 1 - cos of these four self-pairs was [0, 1.2e-07, 0, -1.2e-07] before distances were clamped/exact
+    x = torch.rand(4, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    zeros = torch.zeros(4)
+    with torch.no_grad():
+        called = metric(x, x)
+    for d in (called, metric.distance(x, x), metric.distance_matrix(x).diagonal()):
+        assert torch.equal(d, zeros) and not bool(torch.signbit(d).any())  # no -0.0, no -1.19e-07
+    files = [str(image_dir / f"{n}.png") for n in "ab"]
+    assert torch.equal(metric.distance(files, files), torch.zeros(2))
+    assert float(metric.similarity(x, x).max()) <= 1.0
+
+
+def test_distance_of_opposite_embeddings_is_two_at_most(metric_and_model):
+    from percept_cli.metric import embedding_distance, embedding_distance_matrix
+
+    e = F.normalize(torch.randn(64, 32, generator=torch.Generator().manual_seed(0)), dim=-1)
+    d = embedding_distance(e, -e)  # 1 - cos(e, -e) = 2 by definition
+    assert float(d.max()) <= 2.0 and float(d.min()) == pytest.approx(2.0, abs=1e-5)
+    m = embedding_distance_matrix(e, -e)
+    assert float(m.max()) <= 2.0 and float(m.min()) >= 0.0
+
+
+@pytest.mark.parametrize("call, argument", [
+    (lambda m, p: m.distance(3, 4), "a"),
+    (lambda m, p: m.distance(None, p), "a"),
+    (lambda m, p: m.distance(p, None), "b"),
+    (lambda m, p: m.distance(b"\x89PNG", p), "a"),
+    (lambda m, p: m.distance([p, 7], p), r"a\[1\]"),
+    (lambda m, p: m.distance(p, []), "b"),
+    (lambda m, p: m.embed(3.5), "images"),
+    (lambda m, p: m.similarity(object(), p), "a"),
+    (lambda m, p: m(p, p), "x"),
+    (lambda m, p: m(torch.rand(1, 3, 224, 224), p), "y"),
+    (lambda m, p: m(torch.rand(2, 3, 224, 224), torch.rand(3, 3, 224, 224)), "x"),
+    (lambda m, p: m(torch.rand(2, 4, 224, 224), torch.rand(2, 3, 224, 224)), "x"),
+    (lambda m, p: m(torch.rand(2, 3, 224, 224), torch.zeros(2, 3, 224, 224, dtype=torch.int64)), "y"),
+    (lambda m, p: m.embed_files(p), "paths"),
+])
+def test_bad_library_calls_raise_bad_input_naming_the_argument(metric_and_model, image_dir, call, argument):
+    metric, _ = metric_and_model
+    with pytest.raises(BadInputError, match=rf"^{argument}:|of {argument} ") as info:
+        call(metric, str(image_dir / "a.png"))
+    assert "--" not in str(info.value)  # library messages name arguments, not CLI flags
+
+
+def test_batch_mismatch_names_both_sides(metric_and_model, image_dir):
+    metric, _ = metric_and_model
+    files = [str(image_dir / f"{n}.png") for n in "abcde"]
+    with pytest.raises(BadInputError, match="2 images of a with 3 of b"):
+        metric.distance(files[:2], files[:3])
+
+
+def test_numpy_arrays_give_the_tensor_result(metric_and_model):
+    np = pytest.importorskip("numpy")
+    metric, _ = metric_and_model
+    img_a, img_b = make_picture(0, (120, 90)), make_picture(1, (120, 90))
+    hwc_a, hwc_b = np.asarray(img_a), np.asarray(img_b)  # (H, W, 3) uint8, as PIL gives it
+    t_a, t_b = (torch.from_numpy(h.copy()).permute(2, 0, 1) for h in (hwc_a, hwc_b))  # (3, H, W) uint8
+    expected = metric.distance(t_a, t_b)
+    torch.testing.assert_close(metric.distance(hwc_a, hwc_b), expected, atol=0, rtol=0)
+    torch.testing.assert_close(metric.distance(hwc_a / 255.0, hwc_b.astype(np.float32) / 255), expected,
+                               atol=1e-6, rtol=0)
+    torch.testing.assert_close(metric.distance(t_a.numpy(), t_b.numpy()), expected, atol=0, rtol=0)  # (3,H,W)
+    batch = np.stack([hwc_a, hwc_b])  # (B, H, W, 3)
+    torch.testing.assert_close(metric.embed(batch), metric.embed(torch.stack([t_a, t_b])), atol=0, rtol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(metric(hwc_a, hwc_b), expected, atol=1e-6, rtol=0)
+    with pytest.raises(BadInputError, match="uint8 or float"):
+        metric.distance(hwc_a.astype(np.int32), hwc_b)
+
+
+def test_input_range_minus_one_to_one_and_0_255(metric_and_model, tiny_vit):
+    from percept_cli.metric import PerceptualMetric
+
+    metric, _ = metric_and_model
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.rand(1, 3, 224, 224, generator=g), torch.rand(1, 3, 100, 140, generator=g)
+    lpips_style = PerceptualMetric(metric.encoder, metric.source, input_range="-1,1")
+    with torch.no_grad():
+        torch.testing.assert_close(lpips_style(x * 2 - 1, y * 2 - 1), metric(x, y), atol=1e-5, rtol=0)
+    torch.testing.assert_close(lpips_style.distance(x * 2 - 1, y * 2 - 1), metric.distance(x, y), atol=1e-5, rtol=0)
+    with pytest.raises(BadInputError, match=r"\[-1,1\]"):
+        lpips_style.distance(x * 2, y)
+    with pytest.raises(BadInputError, match=r"\[0,1\]"):
+        metric.distance(x * 2 - 1, y)  # the same values are refused in the default range
+    raw = load_metric(str(tiny_vit[0]), device="cpu", input_range="0,255")
+    assert raw.input_range == "0,255"
+    torch.testing.assert_close(raw.distance(x * 255, y * 255), metric.distance(x, y), atol=1e-5, rtol=0)
+    uint8 = (x * 255).round().to(torch.uint8)  # uint8 always holds 0..255, whatever the range
+    torch.testing.assert_close(lpips_style.distance(uint8, y * 2 - 1), metric.distance(uint8, y), atol=1e-5, rtol=0)
+    with pytest.raises(BadInputError, match="input_range"):
+        load_metric(str(tiny_vit[0]), device="cpu", input_range="0-1")

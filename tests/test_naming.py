@@ -57,3 +57,16 @@ def test_unknown_names_suggest(name):
 def test_close_names_are_suggested():
     with pytest.raises(UnknownModelError, match="Did you mean rclip-f-convnext-b"):
         parse_model_name("rclip-f-convnxt-b")
+
+
+@pytest.mark.parametrize("name", ["/no/such/model-dir", "./model", "~/percept-no-such-model", "models/mine"])
+def test_path_like_names_say_no_such_directory(name):
+    with pytest.raises(BadInputError) as info:
+        parse_model_name(name)
+    assert not isinstance(info.value, UnknownModelError)
+    assert "no such directory" in str(info.value)
+
+
+def test_repo_id_without_prefix_suggests_hf_hub():
+    with pytest.raises(BadInputError, match="hf-hub:chs20/no-such-repo"):
+        parse_model_name("chs20/no-such-repo")

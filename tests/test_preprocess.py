@@ -170,3 +170,39 @@ def test_every_zoo_entry_has_a_stated_geometry():
     for spec in zoo.list_models():
         expected = (224, None) if spec.family == "timm" else by_backbone[spec.backbone]
         assert (spec.resize, spec.crop) == expected, spec.name
+
+
+def test_numpy_layouts_match_the_tensor_layout():
+    import numpy as np
+
+    chw = torch.randint(0, 256, (2, 3, 9, 10), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    expected = chw.float() / 255
+    hwc = chw.permute(0, 2, 3, 1).numpy()  # (B, H, W, 3), as image libraries give arrays
+    torch.testing.assert_close(as_pixel_batch(hwc), expected, atol=0, rtol=0)
+    torch.testing.assert_close(as_pixel_batch(hwc[0]), expected[:1], atol=0, rtol=0)  # (H, W, 3)
+    torch.testing.assert_close(as_pixel_batch(chw.numpy()), expected, atol=0, rtol=0)  # (B, 3, H, W)
+    torch.testing.assert_close(as_pixel_batch(hwc[0].astype(np.float64) / 255), expected[:1], atol=1e-7, rtol=0)
+    for bad in (hwc.astype(np.int64), hwc.astype(bool), np.zeros((4, 9, 9))):
+        with pytest.raises(BadInputError, match="^pixels: "):
+            as_pixel_batch(bad)
+
+
+@pytest.mark.parametrize("input_range, low, high", [("-1,1", -1.0, 1.0), ("0,255", 0.0, 255.0),
+                                                     ((0, 255), 0.0, 255.0), (" -1, 1 ", -1.0, 1.0)])
+def test_input_ranges_map_linearly_to_0_1(input_range, low, high):
+    x = torch.tensor([0.0, 0.25, 0.5, 1.0]).view(1, 1, 2, 2).expand(1, 3, 2, 2)
+    given = low + x * (high - low)  # the same pixels written in the other range
+    torch.testing.assert_close(as_pixel_batch(given, input_range=input_range), x, atol=1e-6, rtol=0)
+    with pytest.raises(BadInputError, match=rf"^img: image values must lie in \[{low:g},{high:g}\]"):
+        as_pixel_batch(given + (high - low) * 0.01, input_range=input_range, name="img")
+    uint8 = (x * 255).to(torch.uint8)  # uint8 always holds 0..255
+    torch.testing.assert_close(as_pixel_batch(uint8, input_range=input_range), uint8.float() / 255, atol=0, rtol=0)
+
+
+def test_unknown_input_range_and_check_false():
+    with pytest.raises(BadInputError, match="input_range"):
+        as_pixel_batch(torch.rand(3, 4, 4), input_range="0,2")
+    y = as_pixel_batch(torch.full((3, 4, 4), 7.0), check=False)  # the escape: values not read
+    assert float(y.max()) == 7.0
+    with pytest.raises(BadInputError, match="NaN|must lie"):
+        as_pixel_batch(torch.full((3, 4, 4), float("nan")))

@@ -58,3 +58,74 @@ def test_quantisation_reports_impossible_ball():
     x = torch.full((1, 3, 4, 4), 0.5 / 255 + 0.3 / 255)  # between grid points
     q, in_ball = quantize_into_ball(x.clone(), x, 0.1 / 255, "linf")
     assert not bool(in_ball[0])
+
+
+# -- one parser for norms and radii, used by the CLI and by AttackSettings alike ------------------------
+LINF_SPELLINGS = ["linf", "Linf", "LINF", "l_inf", "L-inf", " linf ", "inf", "Inf", "infinity", "l∞", float("inf")]
+L2_SPELLINGS = ["l2", "L2", "l_2", "2", 2]
+NOT_NORMS = ["l1", "L1", "l_1", "l0", "li", "lin", "linf2", "l22", "l2inf", "", " ", "euclidean", None, 1, True]
+
+
+@pytest.mark.parametrize("text", LINF_SPELLINGS + L2_SPELLINGS)
+def test_norm_aliases_normalise_in_parser_and_settings(text):
+    from percept_cli.attacks import AttackSettings
+
+    expected = "linf" if text in LINF_SPELLINGS else "l2"
+    assert parse_norm(text) == expected
+    assert AttackSettings(norm=text, eps=0.5).norm == expected
+
+
+@pytest.mark.parametrize("text", NOT_NORMS)
+def test_unknown_norm_raises_in_parser_and_settings(text):
+    from percept_cli.attacks import AttackSettings
+
+    with pytest.raises(BadInputError, match="norm"):
+        parse_norm(text)
+    with pytest.raises(BadInputError, match="norm"):
+        AttackSettings(norm=text)
+
+
+@pytest.mark.parametrize("norm, text, value", [("linf", "4/255", 4 / 255), ("linf", " 8 / 255", 8 / 255),
+                                               ("l2", "0.5", 0.5), ("l2", "3", 3.0)])
+def test_settings_parse_eps_text(norm, text, value):
+    from percept_cli.attacks import AttackSettings
+
+    assert AttackSettings(norm=norm, eps=text).eps == pytest.approx(value)
+
+
+@pytest.mark.parametrize("eps", ["abc", "4/0", "-1", "0", "", "4//255", None, True, [4 / 255], "nan"])
+def test_settings_bad_eps_raises_naming_eps(eps):
+    from percept_cli.attacks import AttackSettings
+
+    with pytest.raises(BadInputError, match="eps"):
+        AttackSettings(eps=eps)
+
+
+def test_settings_unknown_loss_raises():
+    from percept_cli.attacks import AttackSettings
+
+    with pytest.raises(BadInputError, match="loss"):
+        AttackSettings(loss="hinge")
+
+
+@pytest.mark.parametrize("eps, hint", [(4, "4/255"), ("8", "8/255"), (2.5, "2.5/255")])
+def test_linf_eps_above_one_refused_with_a_hint_unless_forced(eps, hint):
+    from dataclasses import replace
+
+    from percept_cli.attacks import AttackSettings
+
+    with pytest.raises(BadInputError, match=f"did you mean {hint}\\?.*force=True"):
+        AttackSettings(norm="linf", eps=eps)
+    forced = AttackSettings(norm="linf", eps=eps, force=True)
+    assert forced.eps == float(eps)
+    assert replace(forced, eps=float(eps) * 2).eps == 2 * float(eps)  # the radius sweep re-creates settings
+    assert AttackSettings(norm="l2", eps=eps).eps == float(eps)  # l2 radii above 1 are ordinary
+    assert AttackSettings(norm="linf", eps=1.0).eps == 1.0  # the limit itself is allowed
+
+
+def test_large_linf_radius_warning_threshold():
+    from percept_cli.attacks.threat import radius_warning
+
+    assert "40/255" in radius_warning(40 / 255, "linf")
+    assert radius_warning(32 / 255, "linf") is None and radius_warning(4 / 255, "linf") is None
+    assert radius_warning(3.0, "l2") is None

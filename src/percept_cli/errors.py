@@ -19,17 +19,27 @@ class PerceptError(Exception):
     Args:
         message: one sentence saying what is wrong (and naming the file or value).
         hint: optional second sentence saying what to do about it.
+        option_hints: advice that names a command-line option, ``{"--skip-bad": "Use --skip-bad to
+            skip unreadable files."}``; the CLI shows each only on commands that have the option,
+            and ``str(error)`` (what library users see) leaves them out.
     """
 
     exit_code = EXIT_INTERNAL
 
-    def __init__(self, message: str, hint: str | None = None):
+    def __init__(self, message: str, hint: str | None = None, *, option_hints: dict[str, str] | None = None):
         super().__init__(message)
         self.message = message
         self.hint = hint
+        self.option_hints = dict(option_hints or {})
 
     def __str__(self) -> str:
-        return self.message if not self.hint else f"{self.message} {self.hint}"
+        return join_sentences(self.message, self.hint)
+
+
+def join_sentences(*parts: str | None) -> str:
+    """``"a.png: file not found"`` + ``"Use X."`` -> ``"a.png: file not found. Use X."`` (Nones skipped)."""
+    kept = [p.strip() for p in parts if p and p.strip()]
+    return " ".join(p + "." if k < len(kept) - 1 and p[-1] not in ".!?:" else p for k, p in enumerate(kept))
 
 
 class BadInputError(PerceptError, ValueError):
@@ -45,10 +55,10 @@ class ImageReadError(BadInputError):
         path: the offending file.
     """
 
-    def __init__(self, path, reason: str, hint: str | None = None):
+    def __init__(self, path, reason: str, hint: str | None = None, *, option_hints: dict[str, str] | None = None):
         self.path = str(path)
         self.reason = reason
-        super().__init__(f"{self.path}: {reason}", hint)
+        super().__init__(f"{self.path}: {reason}", hint, option_hints=option_hints)
 
 
 class UnknownModelError(BadInputError):

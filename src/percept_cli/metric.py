@@ -1,9 +1,11 @@
 """The public metric object: ``load_metric(name)`` then ``embed`` / ``distance`` / ``similarity``.
 
-Distance is ``1 - cos(phi(x1), phi(x2))`` on the encoder's output embedding.
-Inputs may be file paths, PIL images or [0,1] tensors ((3,H,W) or (B,3,H,W)),
-one or a list. ``embed``/``distance``/``similarity`` run without gradients;
-``embed_pixels`` and calling the metric on tensors are differentiable (attacks).
+Distance is ``1 - cos(phi(x1), phi(x2))`` on the encoder's output embedding, in [0, 2].
+Inputs may be file paths, PIL images, tensors ((3,H,W) or (B,3,H,W)) or NumPy arrays (also
+channel-last (H,W,3) or (B,H,W,3)), one or a list. uint8 tensors/arrays hold 0..255; float ones
+lie in the metric's ``input_range`` (``"0,1"`` by default, ``"-1,1"`` as LPIPS takes, ``"0,255"``).
+``embed``/``distance``/``similarity`` run without gradients; ``embed_pixels`` and calling the
+metric on tensors are differentiable (attacks).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence, Union
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -24,10 +27,10 @@ from .errors import BadInputError, ImageReadError
 from .io.images import read_image
 from .models.loading import ModelSource, load_encoder_and_text
 from .models.naming import parse_model_name
-from .io.preprocess import Preprocess
+from .io.preprocess import Preprocess, as_pixel_batch, parse_input_range
 from .models.zoo import DEFAULT_MODEL
 
-ImageLike = Union[str, os.PathLike, Image.Image, torch.Tensor]
+ImageLike = Union[str, os.PathLike, Image.Image, torch.Tensor, np.ndarray]
 Images = Union[ImageLike, Sequence[ImageLike]]
 Progress = Callable[[int], None]
 
@@ -51,6 +54,24 @@ def _is_path(item) -> bool:
     return isinstance(item, (str, os.PathLike))
 
 
+def _is_array(item) -> bool:
+    return isinstance(item, (torch.Tensor, np.ndarray))
+
+
+def embedding_distance(ea: torch.Tensor, eb: torch.Tensor) -> torch.Tensor:
+    """``1 - cos`` of L2-normalised embeddings (broadcast over leading dims), in [0, 2].
+
+    Computed as ``||ea - eb||^2 / 2`` (equal for unit vectors): exactly 0 for identical embeddings
+    and free of the cancellation ``1 - cos`` suffers near 0. Differentiable.
+    """
+    return (ea - eb).pow(2).sum(-1).mul(0.5).clamp(0.0, 2.0)
+
+
+def embedding_distance_matrix(ea: torch.Tensor, eb: torch.Tensor) -> torch.Tensor:
+    """(N, M) ``1 - cos`` between L2-normalised rows of ``ea`` (N, D) and ``eb`` (M, D), in [0, 2]."""
+    return (1.0 - ea @ eb.T).clamp_(0.0, 2.0)
+
+
 class PerceptualMetric:
     """A robust perceptual metric: an encoder plus preprocessing, on one device.
 
@@ -58,20 +79,35 @@ class PerceptualMetric:
 
         metric = load_metric("rclip-f-convnext-b", device="cuda")
         d = metric.distance("a.png", ["b.png", "c.png"])   # tensor of 2 distances
+
+    ``input_range`` (``"0,1"``, ``"-1,1"`` or ``"0,255"``; settable) says where the values of float
+    tensors/arrays passed to its methods lie; uint8 always holds 0..255. Attacks
+    (:mod:`percept_cli.attacks`) take and return [0,1] pixels whatever it says (eps is measured there).
     """
 
     def __init__(self, encoder: PixelEncoder, source: ModelSource, *, batch_size: int = 32,
-                 num_workers: int | None = None, text_encoder=None):
+                 num_workers: int | None = None, text_encoder=None, input_range: str = "0,1"):
         self.encoder = encoder
         self.source = source
         self.text_encoder = text_encoder
         self.batch_size = int(batch_size)
         self.num_workers = num_workers
         self.preprocess: Preprocess = encoder.preprocess
+        self.input_range = input_range
+
+    @property
+    def input_range(self) -> str:
+        """Where float tensor/array values lie: ``"0,1"`` (default), ``"-1,1"`` or ``"0,255"``."""
+        return self._input_range
+
+    @input_range.setter
+    def input_range(self, value) -> None:
+        self._input_range = parse_input_range(value)
 
     def __repr__(self) -> str:
+        extra = f", input_range={self.input_range!r}" if self.input_range != "0,1" else ""
         return (f"PerceptualMetric(model={self.source.name!r}, device={str(self.device)!r}, "
-                f"dtype={self.dtype_name!r}, image_size={self.image_size})")
+                f"dtype={self.dtype_name!r}, image_size={self.image_size}{extra})")
 
     @property
     def device(self) -> torch.device:
@@ -86,37 +122,67 @@ class PerceptualMetric:
         return self.encoder.image_size
 
     # -- differentiable path -------------------------------------------------------------
-    def embed_pixels(self, pixels: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        """Embeddings of a (B,3,H,W) [0,1] tensor, with gradients. Resizes if H,W != image_size."""
-        x = pixels if pixels.dim() == 4 else pixels.unsqueeze(0)
+    def embed_pixels(self, pixels: torch.Tensor | np.ndarray, normalize: bool = True, *, check: bool = True,
+                     name: str = "pixels") -> torch.Tensor:
+        """(B, D) embeddings of a (3,H,W)/(B,3,H,W) tensor, with gradients; resizes if H,W != image_size.
+
+        Values as the metric's ``input_range`` says (uint8: 0..255; NumPy arrays accepted). With
+        ``check=False`` (internal callers, attacks) ``pixels`` must already be a float [0,1] tensor:
+        nothing is checked or converted, so no device sync.
+
+        Raises:
+            BadInputError: (``check``) wrong type, shape or dtype, or values out of range.
+        """
+        if check:
+            x = as_pixel_batch(pixels, input_range=self.input_range, name=name)
+        else:
+            x = pixels if pixels.dim() == 4 else pixels.unsqueeze(0)
         if x.shape[-2:] != (self.image_size, self.image_size):
-            x = self.preprocess.tensor(x)
+            x = self.preprocess.tensor(x, check=False, name=name)
         emb = self.encoder(x.to(self.device))
         return F.normalize(emb, dim=-1) if normalize else emb
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Differentiable distance between two pixel batches (like ``lpips.LPIPS()(x, y)``)."""
-        return 1.0 - (self.embed_pixels(x) * self.embed_pixels(y)).sum(-1)
+    def __call__(self, x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray, *,
+                 check: bool = True) -> torch.Tensor:
+        """Differentiable distance (B,) between two pixel batches (like ``lpips.LPIPS()(x, y)``), in [0, 2].
+
+        ``x``, ``y``: tensors or arrays as :meth:`embed_pixels` takes, with equal batch sizes (or one
+        of them a single image); the same number as :meth:`distance` gives for them.
+
+        Raises:
+            BadInputError: not a tensor/array (use :meth:`distance` for files), bad shape, dtype or
+                range (``check``), or batch sizes that cannot be paired.
+        """
+        for name, value in (("x", x), ("y", y)):
+            if not _is_array(value):
+                raise BadInputError(f"{name}: metric(x, y) takes image tensors or NumPy arrays (it is "
+                                    f"differentiable); got {type(value).__name__}. For files or PIL images "
+                                    "use metric.distance(x, y).")
+        ex, ey = self.embed_pixels(x, check=check, name="x"), self.embed_pixels(y, check=check, name="y")
+        _check_pairable(len(ex), len(ey), "x", "y")
+        return embedding_distance(ex, ey)
 
     # -- inference path ------------------------------------------------------------------
     def pixels(self, images: Images, *, preprocess: Preprocess | None = None) -> torch.Tensor:
-        """Preprocess in-memory inputs (paths, PIL images, tensors) into a (N,3,S,S) [0,1] batch.
+        """Preprocess inputs (paths, PIL images, tensors, arrays) into a (N,3,S,S) [0,1] batch on the CPU.
 
         ``preprocess`` replaces the model's geometry (e.g. a dataset's own upsampling); its
         output size must be the model's input size.
         """
+        return self._pixels(images, "images", preprocess)
+
+    def _pixels(self, images: Images, name: str, preprocess: Preprocess | None = None) -> torch.Tensor:
         pre = self._geometry(preprocess)
-        items = self._as_list(images)
+        items = self._as_list(images, name)
         out = []
-        for item in items:
-            if isinstance(item, torch.Tensor):
-                out.append(pre.tensor(item).cpu())
+        for i, item in enumerate(items):
+            label = name if len(items) == 1 else f"{name}[{i}]"
+            if _is_array(item):
+                out.append(pre.tensor(item, input_range=self.input_range, name=label).cpu())
             elif isinstance(item, Image.Image):
                 out.append(pre(_rgb(item)).unsqueeze(0))
-            elif _is_path(item):
-                out.append(pre(read_image(item)).unsqueeze(0))
             else:
-                raise BadInputError(f"cannot use {type(item).__name__} as an image; pass a path, PIL image or tensor.")
+                out.append(pre(read_image(item)).unsqueeze(0))
         return torch.cat(out)
 
     @torch.no_grad()
@@ -126,17 +192,22 @@ class PerceptualMetric:
 
         Raises:
             ImageReadError: a file that cannot be read (use :meth:`embed_files` to skip such files).
+            BadInputError: something that is not an image (the message names ``images``).
         """
-        items = self._as_list(images)
-        if items and all(_is_path(i) for i in items):
+        return self._embed(images, "images", batch_size=batch_size, normalize=normalize, progress=progress)
+
+    def _embed(self, images: Images, name: str, *, batch_size: int | None = None, normalize: bool = True,
+               progress: Progress | None = None) -> torch.Tensor:
+        items = self._as_list(images, name)
+        if all(_is_path(i) for i in items):
             result = self.embed_files(items, batch_size=batch_size, normalize=normalize, progress=progress)
             return result.embeddings
         bs = batch_size or self.batch_size
-        pixels = self.pixels(items)
+        pixels = self._pixels(items, name)
         chunks = []
         for start in range(0, len(pixels), bs):
             chunk = pixels[start:start + bs].to(self.device, non_blocking=True)
-            chunks.append(self.embed_pixels(chunk, normalize=normalize))
+            chunks.append(self.embed_pixels(chunk, normalize=normalize, check=False))
             if progress:
                 progress(len(chunk))
         return torch.cat(chunks)
@@ -153,7 +224,10 @@ class PerceptualMetric:
 
         Raises:
             ImageReadError: an unreadable file when ``skip_bad`` is False.
+            BadInputError: ``paths`` is not a list of paths.
         """
+        if not isinstance(paths, (list, tuple)) or not all(_is_path(p) for p in paths):
+            raise BadInputError("paths: embed_files takes a list of file paths; use embed() for other inputs.")
         bs = batch_size or self.batch_size
         pin = self.device.type == "cuda"
         rows, indices, failures = [], [], []
@@ -163,7 +237,7 @@ class PerceptualMetric:
             failures.extend(failed)
             if batch is not None:
                 x = batch.to(self.device, non_blocking=True).to(torch.float32).div_(255.0)
-                rows.append(self.embed_pixels(x, normalize=normalize))
+                rows.append(self.embed_pixels(x, normalize=normalize, check=False))
                 indices.extend(idx)
             if progress:
                 progress(len(idx) + len(failed))
@@ -186,22 +260,36 @@ class PerceptualMetric:
             raise BadInputError("empty text prompt.")
         return self.text_encoder(list(texts))
 
+    def _paired(self, a: Images, b: Images) -> tuple[torch.Tensor, torch.Tensor]:
+        ea, eb = self._embed(a, "a"), self._embed(b, "b")
+        _check_pairable(len(ea), len(eb), "a", "b")
+        return ea, eb
+
     def similarity(self, a: Images, b: Images) -> torch.Tensor:
-        """Cosine similarity of paired inputs: (N,) for N pairs; one side may be a single image."""
-        ea, eb = self.embed(a), self.embed(b)
-        if len(ea) != len(eb) and 1 not in (len(ea), len(eb)):
-            raise BadInputError(f"cannot pair {len(ea)} images with {len(eb)}; give equal counts or one image.")
-        return (ea * eb).sum(-1)
+        """Cosine similarity of paired inputs, in [-1, 1]: (N,) for N pairs; one side may be a single image.
+
+        Raises:
+            BadInputError: an input that is not an image, or counts that cannot be paired.
+        """
+        ea, eb = self._paired(a, b)
+        return (ea * eb).sum(-1).clamp_(-1.0, 1.0)
 
     def distance(self, a: Images, b: Images) -> torch.Tensor:
-        """``1 - cos`` of paired inputs: (N,) for N pairs; one side may be a single image."""
-        return 1.0 - self.similarity(a, b)
+        """``1 - cos`` of paired inputs, in [0, 2]: (N,) for N pairs; one side may be a single image.
+
+        Raises:
+            BadInputError: an input that is not an image (the message names ``a`` or ``b``), or counts
+                that cannot be paired.
+        """
+        return embedding_distance(*self._paired(a, b))
 
     def distance_matrix(self, a: Images, b: Images | None = None) -> torch.Tensor:
-        """(N, M) distances between every image of ``a`` and every image of ``b`` (default: ``a``)."""
-        ea = self.embed(a)
-        eb = ea if b is None else self.embed(b)
-        return 1.0 - ea @ eb.T
+        """(N, M) distances in [0, 2] between every image of ``a`` and every image of ``b`` (default: ``a``,
+        with an exact 0 diagonal)."""
+        ea = self._embed(a, "a")
+        if b is None:
+            return embedding_distance_matrix(ea, ea).fill_diagonal_(0.0)
+        return embedding_distance_matrix(ea, self._embed(b, "b"))
 
     def _geometry(self, preprocess: Preprocess | None) -> Preprocess:
         if preprocess is None:
@@ -212,13 +300,36 @@ class PerceptualMetric:
         return preprocess
 
     @staticmethod
-    def _as_list(images: Images) -> list:
-        if isinstance(images, torch.Tensor) or _is_path(images) or isinstance(images, Image.Image):
+    def _as_list(images: Images, name: str = "images") -> list:
+        """``images`` as a non-empty list of image-like items.
+
+        Raises:
+            BadInputError: nothing given, or an item that is not a path, PIL image, tensor or array.
+        """
+        if _is_array(images) or _is_path(images) or isinstance(images, Image.Image):
             return [images]
-        items = list(images)
+        if isinstance(images, (bytes, bytearray, memoryview)):
+            raise BadInputError(f"{name}: raw bytes are not an image; pass a path, or decode them first "
+                                "(PIL.Image.open(io.BytesIO(data))).")
+        try:
+            items = list(images)
+        except TypeError:
+            raise BadInputError(f"{name}: expected an image (path, PIL image, tensor or NumPy array) or a list "
+                                f"of them; got {type(images).__name__}.") from None
         if not items:
-            raise BadInputError("no images given.")
+            raise BadInputError(f"{name}: no images given.")
+        for i, item in enumerate(items):
+            if not (_is_array(item) or _is_path(item) or isinstance(item, Image.Image)):
+                raise BadInputError(f"{name}[{i}]: cannot use {type(item).__name__} as an image; pass a path, "
+                                    "PIL image, tensor or NumPy array.")
         return items
+
+
+def _check_pairable(n_a: int, n_b: int, name_a: str, name_b: str) -> None:
+    """Raise BadInputError unless the counts are equal or one side is a single image."""
+    if n_a != n_b and 1 not in (n_a, n_b):
+        raise BadInputError(f"cannot pair {n_a} images of {name_a} with {n_b} of {name_b}; give equal counts or "
+                            "one image on one side.")
 
 
 def _rgb(img: Image.Image) -> Image.Image:
@@ -230,7 +341,8 @@ def _rgb(img: Image.Image) -> Image.Image:
 def load_metric(model: str = DEFAULT_MODEL, *, device: str | torch.device = "auto",
                 dtype: str | torch.dtype = "fp32", checkpoint: str | Path | None = None,
                 batch_size: int = 32, num_workers: int | None = None, with_text: bool = False,
-                resize: int | None = None, crop: int | None = None, pooling: str | None = None) -> PerceptualMetric:
+                resize: int | None = None, crop: int | None = None, pooling: str | None = None,
+                input_range: str = "0,1") -> PerceptualMetric:
     """Load a perceptual metric by zoo name, ``hf-hub:`` id, local directory, or arch + checkpoint.
 
     Args:
@@ -244,14 +356,18 @@ def load_metric(model: str = DEFAULT_MODEL, *, device: str | torch.device = "aut
         resize, crop: override the zoo's/config's preprocessing: the short side before the crop, and
             the crop (the model's input size); ``crop=0`` resizes both sides to ``resize``, no crop.
         pooling: how a timm ViT's tokens become the embedding (see ``percept models info``).
+        input_range: where float tensor/array values lie: ``"0,1"`` (default), ``"-1,1"`` (as LPIPS
+            takes) or ``"0,255"``; uint8 always holds 0..255 (see :class:`PerceptualMetric`).
 
     Raises:
         UnknownModelError, BadInputError, ModelUnavailableError, ModelFormatError.
 
     >>> metric = load_metric("rclip-f-convnext-b", device="cpu")  # doctest: +SKIP
     """
+    input_range = parse_input_range(input_range)
     ref = parse_model_name(model, checkpoint)
     torch_device = resolve_device(device)
     encoder, source, text = load_encoder_and_text(ref, torch_device, resolve_dtype(dtype), with_text=with_text,
                                                   resize=resize, crop=crop, pooling=pooling)
-    return PerceptualMetric(encoder, source, batch_size=batch_size, num_workers=num_workers, text_encoder=text)
+    return PerceptualMetric(encoder, source, batch_size=batch_size, num_workers=num_workers, text_encoder=text,
+                            input_range=input_range)

@@ -103,3 +103,41 @@ def test_distance_robust_rank_and_matrix_refused(model_args, image_dir):
     assert all(r["low"] <= r["distance"] <= r["high"] for r in json.loads(ranked.stdout)["results"])
     matrix = run("distance", image_dir, "--robust", "4/255", *model_args)
     assert matrix.exit_code == 2 and "not available for a distance matrix" in matrix.stderr
+
+
+def test_embed_skip_bad_leaves_out_unreadable_targets(model_args, image_dir, tmp_path):
+    targets = tmp_path / "targets"
+    targets.mkdir()
+    for name in ("b.png", "c.png"):
+        (targets / name).write_bytes((image_dir / name).read_bytes())
+    (targets / "broken.png").write_bytes(b"not an image")
+    base = ["attack", "embed", image_dir / "a.png", "--eps", "8/255", "--json", *model_args]
+    refused = run(*base, "--target", targets)
+    assert refused.exit_code == 2 and "broken.png" in refused.output
+    skipped = run(*base, "--target", targets, "--skip-bad")
+    assert skipped.exit_code == 0, skipped.output
+    doc = json.loads(skipped.stdout)
+    assert [s["path"] for s in doc["skipped"]] == [str(targets / "broken.png")]
+    assert doc["targets"] == [str(targets / "b.png"), str(targets / "c.png")]
+    # the same attack as one given only the readable targets (same seed): skipping is leaving out, nothing else
+    explicit = json.loads(run(*base, "--target", targets / "b.png", "--target", targets / "c.png").stdout)
+    assert doc["adv_distance"] == pytest.approx(explicit["adv_distance"], abs=1e-6)
+    assert doc["clean_distance"] == pytest.approx(explicit["clean_distance"], abs=1e-6)
+
+
+def test_skip_bad_with_nothing_usable_exits_2_before_model_work(image_dir, tmp_path, empty_offline_hub):
+    # the default model is not cached: loading it would exit 3
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    only_bad = tmp_path / "bad_targets"
+    only_bad.mkdir()
+    (only_bad / "x.png").write_bytes(b"garbage")
+    cases = [
+        (["embed", image_dir / "a.png", "--target", only_bad], "none of the 1 target"),
+        (["embed", broken, "--target", image_dir / "b.png"], "broken.png"),
+        (["2afc", "--ref", broken, "--left", image_dir / "b.png", "--right", image_dir / "c.png"], "broken.png"),
+    ]
+    for args, message in cases:
+        result = run("attack", *args, "--skip-bad", "--device", "cpu")
+        assert result.exit_code == 2, (args, result.output)
+        assert message in result.output

@@ -41,7 +41,8 @@ def test_rank_nearest_first(model_args, image_dir):
                  *model_args, "--json")
     doc = json.loads(result.stdout)
     values = [r["distance"] for r in doc["results"]]
-    assert values == sorted(values) and doc["results"][0]["b"].endswith("a.png") and values[0] < 1e-5
+    assert values == sorted(values) and len(values) == 2  # the reference itself is not a candidate
+    assert sorted(r["b"][-5:] for r in doc["results"]) == ["b.png", "c.png"]
 
 
 def test_pairs_csv_to_out(model_args, image_dir, tmp_path):
@@ -158,3 +159,26 @@ def test_bad_geometry_options_exit_2(model_args, image_dir, options):
     result = run("distance", image_dir / "a.png", image_dir / "b.png", *model_args, *options)
     assert result.exit_code == 2, result.output
     assert result.output.count("error:") == 1
+
+
+def test_rank_top_threshold_and_overlapping_inputs(model_args, image_dir):
+    ref = image_dir / "a.png"
+    full = json.loads(run("distance", ref, image_dir, image_dir / "c.png", *model_args, "--json").stdout)["results"]
+    assert sorted(r["b"][-5:] for r in full) == ["b.png", "c.png", "d.png", "e.png"]  # each once, no reference
+    top = json.loads(run("distance", ref, image_dir, *model_args, "--top", "2", "--json").stdout)["results"]
+    assert [(r["rank"], r["b"]) for r in top] == [(r["rank"], r["b"]) for r in full[:2]]
+    cut = (full[0]["distance"] + full[1]["distance"]) / 2
+    near = run("distance", ref, image_dir, *model_args, "--threshold", f"{cut:.6f}")
+    assert near.exit_code == 0, near.output
+    assert full[0]["b"] in near.stdout and full[1]["b"] not in near.stdout
+    none = run("distance", ref, image_dir, *model_args, "--threshold", "0")
+    assert none.exit_code == 0 and "no candidate" in none.stdout
+    for bad in (["--top", "0"], ["--threshold", "-0.1"]):
+        assert run("distance", ref, image_dir, *model_args, *bad).exit_code == 2
+    wrong_mode = run("distance", ref, image_dir / "b.png", *model_args, "--top", "1")
+    assert wrong_mode.exit_code == 2 and "ranking" in wrong_mode.output
+
+
+def test_identical_pair_prints_zero_not_minus_zero(model_args, image_dir):
+    result = run("distance", image_dir / "a.png", image_dir / "a.png", *model_args, "--json")
+    assert json.loads(result.stdout)["results"][0]["distance"] == 0.0

@@ -21,23 +21,39 @@ def run(*args):
     return runner.invoke(app, [str(a) for a in args])
 
 
-@pytest.fixture
-def nights(tmp_path, tiny_vit):
+@pytest.fixture(scope="module")
+def nights(tmp_path_factory, tiny_vit):
+    """Built and relabelled once per module (one model load); no test writes into it."""
     from test_evaluation import relabel_like_model
 
     from percept_cli import load_metric
 
-    root = sd.make_nights(tmp_path / "nights", n=40)
+    root = sd.make_nights(tmp_path_factory.mktemp("nights-data") / "nights", n=40)
     relabel_like_model(root, load_metric(str(tiny_vit[0]), device="cpu"), flip_every=5)
     return root
 
 
-@pytest.fixture
-def model_args(tiny_vit):
+def _model_args(tiny_vit):
     return ["--model", str(tiny_vit[0]), "--device", "cpu", "--batch-size", "4"]
 
 
+@pytest.fixture
+def model_args(tiny_vit):
+    return _model_args(tiny_vit)
+
+
 ATTACK = ["--attack", "l2", "--sweep-eps", "0.05,0.3", "--iters", "8"]
+
+
+@pytest.fixture(scope="module")
+def full_run(nights, tiny_vit, tmp_path_factory):
+    """(results file, CLI result) of one uninterrupted single-process ATTACK run on ``nights``: the run the
+    schema test reads and the resumed and two-process runs must equal (computed once, not three times)."""
+    out = tmp_path_factory.mktemp("full-run") / "full.json"
+    result = run("eval-2afc", "--dataset", "nights", "--root", nights, "--split", "test", *ATTACK, "--out", out,
+                 *_model_args(tiny_vit))
+    assert result.exit_code == 0, result.output
+    return out, result
 
 
 def _comparable(doc):
@@ -47,11 +63,8 @@ def _comparable(doc):
     return models
 
 
-def test_record_schema(nights, model_args, tmp_path):
-    out = tmp_path / "r.json"
-    result = run("eval-2afc", "--dataset", "nights", "--root", nights, "--split", "test", *ATTACK, "--out", out,
-                 *model_args)
-    assert result.exit_code == 0, result.output
+def test_record_schema(full_run, model_args):
+    out, result = full_run
     doc = json.loads(out.read_text())
     assert doc["schema"] == "percept.eval-2afc/2" and doc["status"] == "complete"
     assert set(doc["versions"]) >= {"percept", "torch", "open_clip"}
@@ -69,15 +82,14 @@ def test_record_schema(nights, model_args, tmp_path):
     assert len(robust) == 2 and robust[0] >= robust[1]
     assert entry["summary"]["overall"]["clean"] == pytest.approx(0.8)
     assert entry["summary"]["overall"]["n_attacked"] == 20
-    assert not list(tmp_path.glob("r.json.rank*"))  # partial flushes removed after completion
+    assert not list(out.parent.glob("full.json.rank*"))  # partial flushes removed after completion
     assert "2AFC agreement" in result.stdout and "l2 0.05" in result.stdout
 
 
-def test_resume_equals_uninterrupted_run(nights, model_args, tmp_path, monkeypatch):
+def test_resume_equals_uninterrupted_run(nights, full_run, model_args, tmp_path, monkeypatch):
     from percept_cli.evaluation import twoafc as evaluation
 
-    full = tmp_path / "full.json"
-    assert run("eval-2afc", "--dataset", "nights", "--root", nights, *ATTACK, "--out", full, *model_args).exit_code == 0
+    full = full_run[0]
 
     calls = {"n": 0}
     real = evaluation._attack_batch
@@ -108,7 +120,9 @@ def test_resume_with_other_settings_refused(nights, model_args, tmp_path):
     out = tmp_path / "r.json"
     assert run("eval-2afc", "--dataset", "nights", "--root", nights, "--out", out, *model_args).exit_code == 0
     other = run("eval-2afc", "--dataset", "nights", "--root", nights, *ATTACK, "--resume", out, *model_args)
-    assert other.exit_code == 2 and "different attack" in other.stderr
+    assert other.exit_code == 2 and f"--resume {out} was made with " in other.stderr
+    made_with, now = other.stderr.split("; now ")
+    assert "attack=none" in made_with and "norm=l2" in now and "iters=8" in now
 
 
 def _free_port() -> int:
@@ -117,10 +131,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_process_gloo_run_equals_single_process(nights, model_args, tmp_path):
-    single, double = tmp_path / "single.json", tmp_path / "double.json"
-    assert run("eval-2afc", "--dataset", "nights", "--root", nights, *ATTACK, "--out", single,
-               *model_args).exit_code == 0
+def test_two_process_gloo_run_equals_single_process(nights, full_run, model_args, tmp_path):
+    single, double = full_run[0], tmp_path / "double.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
            "-m", "percept_cli", "eval-2afc", "--dataset", "nights", "--root", str(nights), *ATTACK,
@@ -246,3 +258,32 @@ def test_low_precision_only_breaks_are_noted(tmp_path, model_args, monkeypatch):
     assert held > 0 and overall["low_precision_only"] == [held]
     shown = run(*args)
     assert f"{held} triplet-radius pair(s) broken only" in shown.stdout
+
+
+def test_all_bad_images_listed_before_model_work_then_skipped(tmp_path, model_args, empty_offline_hub):
+    root = sd.make_nights(tmp_path / "nights", n=12)  # test split: triplets 2, 3, 6, 7, 10, 11
+    bad = ["ref/000/002.png", "distort/000/003_1.png", "distort/000/006_0.png"]
+    for rel in bad:
+        (root / rel).write_bytes(b"not an image")
+    # the default model is not cached: loading it would exit 3; exit 2 naming every bad file comes first
+    refused = run("eval-2afc", "--dataset", "nights", "--root", root, "--device", "cpu")
+    assert refused.exit_code == 2, refused.output
+    assert "3 unreadable" in refused.stderr and all(rel in refused.stderr for rel in bad)
+
+    out = tmp_path / "r.json"
+    skipped = run("eval-2afc", "--dataset", "nights", "--root", root, "--skip-bad", "--out", out, *model_args)
+    assert skipped.exit_code == 0, skipped.output
+    assert "skipped 3 triplet(s)" in skipped.stderr and "left out 3 triplet(s)" in skipped.stdout
+    doc = json.loads(out.read_text())
+    assert sorted(doc["skipped"]["triplets"]) == ["2", "3", "6"]
+    assert sorted(p["path"].split("nights/")[1] for p in doc["skipped"]["images"]) == sorted(bad)
+    entry = doc["models"][str(model_args[1])]
+    assert doc["dataset"]["n_triplets"] == 3 and entry["summary"]["overall"]["n"] == 3
+
+    intact = sd.make_nights(tmp_path / "intact", n=12)  # the same pictures, none corrupted
+    full = tmp_path / "full.json"
+    assert run("eval-2afc", "--dataset", "nights", "--root", intact, "--out", full, *model_args).exit_code == 0
+    kept = {t["id"]: t for t in json.loads(full.read_text())["models"][str(model_args[1])]["triplets"]}
+    for t in entry["triplets"]:  # the surviving triplets are scored exactly as in a run without bad files
+        assert t["d_left"] == pytest.approx(kept[t["id"]]["d_left"], abs=1e-6)
+        assert t["d_right"] == pytest.approx(kept[t["id"]]["d_right"], abs=1e-6)

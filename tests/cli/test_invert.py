@@ -66,3 +66,13 @@ def test_unreadable_image_and_vision_only_text(model_args, tmp_path, offline_hub
     assert vision_only.exit_code == 2 and "no text tower" in vision_only.stderr
     zero_iters = run("invert", "--text", "a cat", "--iters", "0", "--out", tmp_path, "--model", model_args[1])
     assert zero_iters.exit_code == 2
+
+
+def test_skip_bad_with_an_unreadable_image_exits_2_before_model_work(tmp_path, empty_offline_hub):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    # the default model is not cached: loading it would exit 3
+    result = run("invert", "--image", broken, "--skip-bad", "--out", tmp_path / "inv", "--device", "cpu")
+    assert result.exit_code == 2, result.output
+    assert "broken.png" in result.output and "nothing is left to invert" in result.output
+    assert not (tmp_path / "inv").exists()

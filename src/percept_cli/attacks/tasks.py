@@ -14,12 +14,14 @@ from typing import Callable, Optional
 import torch
 
 from ..errors import BadInputError
+from ..metric import embedding_distance, embedding_distance_matrix
 from .apgd import apgd
 from .core import evaluate
-from .objectives import (DistanceObjective, TargetedEmbeddingObjective, TwoAFCObjective,
-                         UntargetedEmbeddingObjective, cosine_distance, twoafc_logits, twoafc_margin)
+from .inputs import embedding_batch, label_batch, pixel_batch, same_batch
+from .objectives import (TWOAFC_LOSSES, DistanceObjective, TargetedEmbeddingObjective, TwoAFCObjective,
+                         UntargetedEmbeddingObjective, twoafc_logits, twoafc_margin)
 from .square import square
-from .threat import lp_norm, quantize_into_ball
+from .threat import check_radius, lp_norm, parse_eps, parse_norm, quantize_into_ball
 
 # The paper's gradient-masking check: Square Attack with margin loss, p_init 0.8, 5,000 queries
 # (auto-attack's settings), on the points APGD left unbroken.
@@ -31,10 +33,17 @@ SQUARE_P_INIT = 0.8
 class AttackSettings:
     """One threat model and attack budget.
 
+    ``norm``: "linf" or "l2" (spellings such as "Linf", "l_inf", "inf", "L2" are normalised; anything
+    else raises). ``eps``: a number or text such as "4/255". An l_inf ``eps`` above 1 (the whole pixel
+    range, usually a forgotten /255) raises unless ``force=True``.
     ``autocast_dtype`` (e.g. torch.bfloat16 on a GPU) speeds up the attack's forward/backward;
     ``square_queries`` > 0 runs Square Attack (margin loss, window fraction ``square_p_init``) with
     that many queries on the points APGD left unbroken; the paper's check is
     ``square_queries=SQUARE_QUERIES`` (5000) with the default ``square_p_init`` 0.8.
+
+    Raises:
+        BadInputError: an unknown norm or loss, a malformed or non-positive eps, an l_inf eps > 1
+            without ``force``, iters/restarts below 1, or bad Square settings; the message names the field.
     """
 
     norm: str = "linf"
@@ -47,20 +56,28 @@ class AttackSettings:
     autocast_dtype: Optional[torch.dtype] = None
     square_queries: int = 0
     square_p_init: float = SQUARE_P_INIT
+    force: bool = False
 
     def __post_init__(self):
-        if self.iters < 1 or self.restarts < 1:
-            raise BadInputError("--iters and --restarts must be at least 1.")
-        if self.square_queries < 0 or not 0 < self.square_p_init <= 1:
-            raise BadInputError("Square Attack needs queries >= 0 and 0 < p_init <= 1.")
-        if self.eps <= 0:
-            raise BadInputError(f"eps must be positive; got {self.eps}.")
+        self.norm = parse_norm(self.norm)
+        self.eps = parse_eps(self.eps)
+        check_radius(self.eps, self.norm, force=self.force)
+        for name in ("iters", "restarts", "square_queries"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "square_queries" else 1):
+                raise BadInputError(f"{name} must be an integer of at least {0 if name == 'square_queries' else 1}; "
+                                    f"got {value!r}.")
+        if not isinstance(self.loss, str) or self.loss.strip().lower() not in TWOAFC_LOSSES:
+            raise BadInputError(f"loss must be one of {', '.join(TWOAFC_LOSSES)}; got {self.loss!r}.")
+        self.loss = self.loss.strip().lower()
+        if not isinstance(self.square_p_init, (int, float)) or not 0 < self.square_p_init <= 1:
+            raise BadInputError(f"square_p_init must be in (0, 1]; got {self.square_p_init!r}.")
 
 
 def _embed_fixed(metric, pixels: torch.Tensor) -> torch.Tensor:
     """Normalised embeddings of perturbation-independent images: once, without gradient, fp32."""
     with torch.no_grad():
-        return metric.embed_pixels(pixels.to(metric.device))
+        return metric.embed_pixels(pixels.to(metric.device), check=False)
 
 
 @dataclass
@@ -106,23 +123,44 @@ def attack_2afc(metric, ref: torch.Tensor, left: torch.Tensor, right: torch.Tens
     """APGD on the reference of each triplet (candidates fixed), then optionally Square Attack.
 
     Args:
-        ref, left, right: (B,3,S,S) pixels in [0,1].
+        ref: (B,3,S,S) pixels in [0,1] at the model's input size S (uint8 0..255 and NumPy accepted).
+        left, right: (B,3,H,W) pixels in [0,1] (resized to S for embedding).
         label: (B,) 0/1 = which candidate is correct; None attacks the model's own clean decision.
+
+    Raises:
+        BadInputError: an argument of the wrong type, shape, size or range, or differing batch sizes
+            (the message names the argument).
     """
+    ref = pixel_batch(metric, ref, "ref", attacked=True)
+    left, right = pixel_batch(metric, left, "left"), pixel_batch(metric, right, "right")
+    same_batch(ref=ref, left=left, right=right)
+    label = label_batch(label, len(ref))
     return attack_2afc_embedded(metric, ref, _embed_fixed(metric, left), _embed_fixed(metric, right), label,
-                                settings, early_stop=early_stop, progress=progress)
+                                settings, early_stop=early_stop, progress=progress, check=False)
 
 
 def attack_2afc_embedded(metric, ref: torch.Tensor, e_left: torch.Tensor, e_right: torch.Tensor,
                          label: Optional[torch.Tensor] = None, settings: AttackSettings = AttackSettings(), *,
                          early_stop: bool = True, progress: Optional[Callable[[int], None]] = None,
                          example_ids: Optional[torch.Tensor] = None,
-                         e_ref: Optional[torch.Tensor] = None) -> TwoAFCReport:
+                         e_ref: Optional[torch.Tensor] = None, check: bool = True) -> TwoAFCReport:
     """:func:`attack_2afc` with the candidates' normalised embeddings already computed (evaluation).
 
     ``example_ids`` seed each triplet's random start on its own, so a triplet's outcome does not
     depend on the batch it is attacked in. ``e_ref``: the clean reference embeddings, if known.
+    ``check=False`` skips the value checks of ``ref`` and ``label`` (callers that made them already).
+
+    Raises:
+        BadInputError: as :func:`attack_2afc`, for ``ref``, ``e_left``, ``e_right``, ``label``,
+            ``example_ids`` or ``e_ref``.
     """
+    ref = pixel_batch(metric, ref, "ref", attacked=True, check=check)
+    e_left = embedding_batch(e_left, "e_left")
+    e_right = embedding_batch(e_right, "e_right", e_left.shape[1])
+    if e_ref is not None:
+        e_ref = embedding_batch(e_ref, "e_ref", e_left.shape[1])
+    label = label_batch(label, len(ref), check=check)
+    same_batch(ref=ref, e_left=e_left, e_right=e_right, e_ref=e_ref, example_ids=example_ids)
     device = metric.device
     ref, e_left, e_right = ref.to(device), e_left.to(device), e_right.to(device)
     e_ref = _embed_fixed(metric, ref) if e_ref is None else e_ref.to(device)
@@ -210,28 +248,35 @@ class EmbeddingReport:
 def attack_embedding(metric, images: torch.Tensor, targets: Optional[torch.Tensor] = None,
                      settings: AttackSettings = AttackSettings(), *,
                      progress: Optional[Callable[[int], None]] = None) -> EmbeddingReport:
-    """Untargeted (``targets`` None: Eq. 6) or targeted (Eq. 5, towards all ``targets``) APGD."""
-    images = images.to(metric.device)
+    """Untargeted (``targets`` None: Eq. 6) or targeted (Eq. 5, towards all ``targets``) APGD.
+
+    ``images``: (B,3,S,S) [0,1] pixels at the model's input size; ``targets``: (T,3,H,W) [0,1] pixels.
+
+    Raises:
+        BadInputError: an argument of the wrong type, shape, size or range (the message names it).
+    """
+    images = pixel_batch(metric, images, "images", attacked=True).to(metric.device)
     clean = _embed_fixed(metric, images)
     if targets is None:
         objective = UntargetedEmbeddingObjective(metric.encoder, clean)
     else:
+        targets = pixel_batch(metric, targets, "targets")
         if len(targets) < 1:
-            raise BadInputError("a targeted attack needs at least one target image.")
+            raise BadInputError("targets: a targeted attack needs at least one target image.")
         target_emb = _embed_fixed(metric, targets)
         objective = TargetedEmbeddingObjective(metric.encoder, target_emb)
     result = apgd(objective, images, settings.eps, settings.norm, settings.iters, restarts=settings.restarts,
                   random_start=settings.random_start, seed=settings.seed,
                   autocast_dtype=settings.autocast_dtype, progress=progress)
     with torch.no_grad():
-        adv = metric.embed_pixels(result.x_adv)
+        adv = metric.embed_pixels(result.x_adv, check=False)
     if targets is None:
-        clean_d = cosine_distance(clean, clean)
-        adv_d = cosine_distance(adv, clean)
+        clean_d = embedding_distance(clean, clean)
+        adv_d = embedding_distance(adv, clean)
         per_target = None
     else:
-        clean_per = 1.0 - clean @ target_emb.T
-        per_target = 1.0 - adv @ target_emb.T
+        clean_per = embedding_distance_matrix(clean, target_emb)
+        per_target = embedding_distance_matrix(adv, target_emb)
         clean_d, adv_d = clean_per.mean(-1), per_target.mean(-1)
     return EmbeddingReport("original" if targets is None else "targets", clean_d, adv_d, result.x_adv,
                            lp_norm(result.x_adv - images, settings.norm), result.evaluations, per_target)
@@ -253,11 +298,17 @@ def distance_interval(metric, a: torch.Tensor, b: torch.Tensor, settings: Attack
     """Two APGD runs on ``b`` within the ball: one minimising, one maximising d(a, b + delta).
 
     An empirical (attack-found) interval, not a certificate: the true extremes may lie beyond it.
-    The clean distance always lies inside (delta = 0 is allowed).
+    The clean distance always lies inside (delta = 0 is allowed); all distances lie in [0, 2].
+    ``a``: (N,3,H,W) [0,1] pixels; ``b``: (N,3,S,S) [0,1] pixels at the model's input size.
+
+    Raises:
+        BadInputError: an argument of the wrong type, shape, size or range, or differing batch sizes.
     """
+    a, b = pixel_batch(metric, a, "a"), pixel_batch(metric, b, "b", attacked=True)
+    same_batch(a=a, b=b)
     b = b.to(metric.device)
     ea = _embed_fixed(metric, a)
-    clean = cosine_distance(_embed_fixed(metric, b), ea)
+    clean = embedding_distance(_embed_fixed(metric, b), ea)
     ends = []
     for sign in (-1.0, 1.0):
         objective = DistanceObjective(metric.encoder, ea, sign)
@@ -270,7 +321,8 @@ def distance_interval(metric, a: torch.Tensor, b: torch.Tensor, settings: Attack
     keep_low, keep_high = d_low < clean, d_high > clean
     x_low = torch.where(keep_low.view(-1, 1, 1, 1), x_low, b)
     x_high = torch.where(keep_high.view(-1, 1, 1, 1), x_high, b)
-    return DistanceInterval(clean, torch.minimum(d_low, clean), torch.maximum(d_high, clean), x_low, x_high)
+    low, high = torch.minimum(d_low, clean).clamp(0.0, 2.0), torch.maximum(d_high, clean).clamp(0.0, 2.0)
+    return DistanceInterval(clean, low, high, x_low, x_high)
 
 
 def save_ready(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,6 +8,7 @@ adversarial image on the 8-bit grid without leaving the ball.
 from __future__ import annotations
 
 import math
+import numbers
 import re
 
 import torch
@@ -19,30 +20,37 @@ _EPS_TEXT = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(?:/\s*([0-
 _TINY = 1e-12
 
 
-def parse_norm(text: str) -> str:
-    """``linf`` (also ``Linf``, ``inf``, ``l_inf``) or ``l2``.
+def parse_norm(text) -> str:
+    """The one place a norm is read: ``linf`` or ``l2``, case-insensitively, from common spellings.
+
+    ``linf``: "linf", "Linf", "l_inf", "l-inf", "inf", "infinity", "l∞", float('inf');
+    ``l2``: "l2", "L2", "l_2", "2", 2.
 
     Raises:
-        BadInputError: any other value.
+        BadInputError: anything else ("l1", a typo, None), naming the value.
     """
-    key = (text or "").strip().lower().replace("_", "").replace("-", "")
-    if key in {"linf", "inf", "li"}:
+    if isinstance(text, bool) or not isinstance(text, (str, int, float)):
+        raise BadInputError(f"norm must be 'linf' or 'l2'; got {text!r}.")
+    key = str(text).strip().lower().replace("_", "").replace("-", "").replace(" ", "").replace("∞", "inf")
+    if key in {"linf", "inf", "infinity", "linfinity"}:
         return "linf"
-    if key in {"l2", "2"}:
+    if key in {"l2", "2", "2.0"}:
         return "l2"
     raise BadInputError(f"unknown norm '{text}'; use linf or l2.")
 
 
 def parse_eps(text: str | float) -> float:
-    """An attack radius from ``4/255``, ``0.0157`` or ``3``: a positive finite number.
+    """An attack radius from ``4/255``, ``0.0157`` or ``3`` (text or a number): a positive finite float.
 
     Raises:
-        BadInputError: malformed text, or a value that is not > 0.
+        BadInputError: malformed text, a bool or other non-number, or a value that is not > 0.
 
     >>> round(parse_eps("4/255"), 6)
     0.015686
     """
-    if isinstance(text, (int, float)):
+    if isinstance(text, bool) or not isinstance(text, (str, numbers.Real)):
+        raise BadInputError(f"eps must be a number or text such as '4/255'; got {text!r}.")
+    if isinstance(text, numbers.Real):
         value = float(text)
     else:
         match = _EPS_TEXT.match(str(text))
@@ -57,6 +65,31 @@ def parse_eps(text: str | float) -> float:
     if not math.isfinite(value) or value <= 0:
         raise BadInputError(f"eps must be a positive number; got '{text}'.")
     return value
+
+
+LINF_WARN_ABOVE = 32 / 255  # l_inf radii above this are far outside what robust models are tested at
+
+
+def check_radius(eps: float, norm: str, *, force: bool = False, escape: str = "pass force=True") -> None:
+    """Refuse an l_inf radius above 1 (the whole pixel range: almost always a forgotten ``/255``).
+
+    ``escape`` tells the caller how to insist (the CLI says ``add --force``).
+
+    Raises:
+        BadInputError: ``norm`` is linf, ``eps`` > 1 and not ``force``; the message suggests eps/255.
+    """
+    if norm == "linf" and eps > 1 and not force:
+        hint = f"; did you mean {eps:g}/255?" if eps <= 255 else "."
+        raise BadInputError(f"l_inf eps {eps:g} is larger than the whole pixel range [0, 1]{hint} "
+                            f"{escape[:1].upper()}{escape[1:]} to attack with it anyway.")
+
+
+def radius_warning(eps: float, norm: str) -> str | None:
+    """A warning for an l_inf radius above 32/255 (a visible change, not a small perturbation), else None."""
+    if norm == "linf" and eps > LINF_WARN_ABOVE:
+        return (f"l_inf eps {format_eps(eps, norm)} is above 32/255: such a perturbation changes the image "
+                "visibly (the paper attacks at 4/255 and 8/255).")
+    return None
 
 
 def format_eps(eps: float, norm: str) -> str:

@@ -8,42 +8,80 @@ from typing import Annotated, List, Optional
 import typer
 
 from ..models.zoo import DEFAULT_MODEL
+from .command import PerceptCommand, PerceptGroup
 from .errors import handle_errors
-from .options import (AttackDtypeOpt, BatchSizeOpt, CheckpointOpt, Common, CropOpt, DeviceOpt, EpsOpt, ItersOpt,
-                      JsonOpt, ModelOpt, NormOpt, PoolingOpt, QuietOpt, RandomStartOpt, ResizeOpt, RestartsOpt, SeedOpt,
-                      attack_settings)
+from .options import (AttackDtypeOpt, BatchSizeOpt, CheckpointOpt, Common, CropOpt, DeviceOpt, EpsOpt, ForceOpt,
+                      ItersOpt, JsonOpt, ModelOpt, NormOpt, PoolingOpt, QuietOpt, RandomStartOpt, ResizeOpt,
+                      RestartsOpt, SeedOpt, attack_settings)
 from .output import Output
 
-app = typer.Typer(help="Attack a 2AFC decision or an embedding with APGD (l_inf or l2).", no_args_is_help=True)
+app = typer.Typer(help="Attack a 2AFC decision or an embedding with APGD (l_inf or l2).", no_args_is_help=True,
+                  cls=PerceptGroup)
 
 OutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", help="Save the adversarial image as 8-bit PNG "
                                                 "(projected back into the ball; success re-checked).")]
 
 
-def _prepare(common: Common, output: Output, images: list[Path], out: Optional[Path]):
-    """Validate files and --out before any model work, then load the metric (fp32 weights)."""
+SkipBadOpt = Annotated[bool, typer.Option("--skip-bad", help="Report unreadable target images and leave them out "
+                                          "(the attacked image and 2AFC candidates cannot be skipped).")]
+
+
+def _usable(targets: list[Path], skip_bad: bool, output: Output, required=()) -> tuple[list[Path], list]:
+    """Header-check ``required`` and ``targets`` before any model work; -> (readable targets, failures).
+
+    Raises:
+        ImageReadError: a bad required image (it cannot be skipped), or bad targets without ``--skip-bad``.
+        BadInputError: targets were given and none of them is readable.
+    """
     from ..distances import check_files, first_failure_error
-    from ..io.outputs import check_output_path
+    from ..errors import BadInputError, ImageReadError
+
+    failures = check_files([str(p) for p in [*required, *targets]])
+    needed = {str(p) for p in required}
+    bad_required = [f for f in failures if f.path in needed]
+    if bad_required:
+        raise ImageReadError(bad_required[0].path, bad_required[0].reason)
+    if failures and not skip_bad:
+        raise first_failure_error(failures)
+    bad = {f.path for f in failures}
+    kept = [p for p in targets if str(p) not in bad]
+    if targets and not kept:
+        raise BadInputError(f"none of the {len(targets)} target image(s) is readable; nothing to attack towards.")
+    for f in failures:
+        output.warn(f"skipped {f.path}: {f.reason}")
+    return kept, failures
+
+
+def _prepare(common: Common, output: Output, images: list[Path], out: Optional[Path], folders=()):
+    """Validate files and --out (no input file, input folder or model; writable) before any model work,
+    then load the metric (fp32 weights)."""
+    from ..distances import check_files, first_failure_error
+    from ..io.outputs import check_outputs, output_file, path_inputs
 
     failures = check_files([str(p) for p in images])
     if failures:
         raise first_failure_error(failures)
     if out is not None:
-        check_output_path(out, (".png",), images)
+        on_disk = path_inputs([*folders, common.model, common.checkpoint])
+        check_outputs([output_file("--out", out, (".png",))], inputs=[*images, *on_disk], input_dirs=on_disk)
     return common.load_metric(output)
 
 
-def _threat(settings) -> dict:
+def _threat(settings, decision: bool = True) -> dict:
+    """The attack's settings for JSON; ``loss`` and Square's only for a 2AFC decision (embed uses neither)."""
     from ..attacks import format_eps
 
-    return {"norm": settings.norm, "eps": settings.eps, "eps_text": format_eps(settings.eps, settings.norm),
-            "iters": settings.iters, "restarts": settings.restarts, "random_start": settings.random_start,
-            "seed": settings.seed, "loss": settings.loss, "square_queries": settings.square_queries,
-            "square_p_init": settings.square_p_init if settings.square_queries else None,
-            "autocast": None if settings.autocast_dtype is None else str(settings.autocast_dtype).split(".")[-1]}
+    threat = {"norm": settings.norm, "eps": settings.eps, "eps_text": format_eps(settings.eps, settings.norm),
+              "iters": settings.iters, "restarts": settings.restarts, "random_start": settings.random_start,
+              "seed": settings.seed,
+              "autocast": None if settings.autocast_dtype is None else str(settings.autocast_dtype).split(".")[-1]}
+    if decision:
+        threat.update(loss=settings.loss, square_queries=settings.square_queries,
+                      square_p_init=settings.square_p_init if settings.square_queries else None)
+    return threat
 
 
-@app.command("2afc")
+@app.command("2afc", cls=PerceptCommand)
 @handle_errors
 def attack_2afc_command(
     ref: Annotated[Path, typer.Option("--ref", help="Reference image (the one perturbed).", show_default=False)],
@@ -57,8 +95,9 @@ def attack_2afc_command(
     square_queries: Annotated[int, typer.Option("--square-queries", min=1, help="Queries for --square (the paper: "
                                                 "5000).")] = 5000,
     out: OutOpt = None,
+    skip_bad: SkipBadOpt = False,
     norm: NormOpt = "linf", eps: EpsOpt = None, iters: ItersOpt = 100, restarts: RestartsOpt = 1,
-    random_start: RandomStartOpt = True,
+    random_start: RandomStartOpt = True, force: ForceOpt = False,
     model: ModelOpt = DEFAULT_MODEL, checkpoint: CheckpointOpt = None, device: DeviceOpt = "auto",
     dtype: AttackDtypeOpt = "fp32", batch_size: BatchSizeOpt = 32, resize: ResizeOpt = None, crop: CropOpt = None,
     pooling: PoolingOpt = None, seed: SeedOpt = 0, json: JsonOpt = False, quiet: QuietOpt = False,
@@ -69,16 +108,17 @@ def attack_2afc_command(
     from ..attacks.objectives import twoafc_logits, twoafc_margin
     from ..attacks.tasks import attack_2afc_embedded, save_ready
     from ..errors import BadInputError
-    from ..io.outputs import save_png
+    from ..io.outputs import OutputWrites, save_png
 
     if label is not None and label.lower() not in {"left", "right", "0", "1"}:
         raise BadInputError(f"--label must be left or right; got '{label}'.")
     if loss not in {"ce", "margin"}:
         raise BadInputError(f"--loss must be ce or margin; got '{loss}'.")
     settings = attack_settings(norm, eps, iters, restarts, random_start, seed, dtype, loss,
-                               square_queries if square else 0)
+                               square_queries if square else 0, force=force)
     common = Common(model, checkpoint, device, "fp32", batch_size, None, seed, json, quiet, resize, crop, pooling)
     output = Output(json, quiet)
+    _usable([], skip_bad, output, required=[ref, left, right])
     metric = _prepare(common, output, [ref, left, right], out)
     pixels = metric.pixels([str(ref), str(left), str(right)])
     y = None if label is None else torch.tensor([0 if label.lower() in {"left", "0"} else 1])
@@ -88,11 +128,13 @@ def attack_2afc_command(
         report = attack_2afc_embedded(metric, pixels[0:1], e_left, e_right, y, settings, early_stop=False,
                                       progress=advance)
     names = ["left", "right"]
+    tie = bool(report.clean_similarity[0, 0] == report.clean_similarity[0, 1])
     payload = {**common.describe(metric), "threat": _threat(settings),
                "label": names[int(report.label[0])], "label_source": "given" if label else "model's clean decision",
                "clean": {"sim_left": float(report.clean_similarity[0, 0]),
                          "sim_right": float(report.clean_similarity[0, 1]),
-                         "decision": names[int(report.clean_similarity[0, 1] > report.clean_similarity[0, 0])]},
+                         "decision": "tie" if tie else names[int(report.clean_similarity[0, 1]
+                                                                 > report.clean_similarity[0, 0])]},
                "adversarial": {"sim_left": float(report.adv_similarity[0, 0]),
                                "sim_right": float(report.adv_similarity[0, 1]),
                                "decision": names[int(report.adv_similarity[0, 1] > report.adv_similarity[0, 0])]},
@@ -101,25 +143,37 @@ def attack_2afc_command(
                "found_by_square": None if report.found_by_square is None else bool(report.found_by_square[0]),
                "broken_low_precision_only": int(report.broken_low_precision_only.sum()),
                "evaluations": report.evaluations}
+    writes, saved = OutputWrites(), None  # a failed save still prints the report, then exits non-zero
     if out is not None:
         q, in_ball = save_ready(report.x_adv, pixels[0:1], settings.eps, settings.norm)
-        save_png(out, q[0])
+        saved = writes.attempt("--out", out, lambda: save_png(out, q[0]))
+    if saved is not None:
         with torch.no_grad():  # one fp32 forward on the saved pixels gives both facts
             saved_sim = twoafc_logits(metric.embed_pixels(q.to(metric.device)), e_left, e_right)
         broken = twoafc_margin(saved_sim, report.label) >= 0
         payload["saved"] = {"path": str(out), "in_ball": bool(in_ball[0]), "still_broken": bool(broken[0]),
                             "sim_left": float(saved_sim[0, 0]), "sim_right": float(saved_sim[0, 1])}
+    if writes.failures:
+        payload["not_written"] = writes.failures
     output.result(payload, lambda c: _render_2afc(c, payload))
+    writes.raise_if_failed()
 
 
 def _render_2afc(console, p: dict) -> None:
     t = p["threat"]
-    console.print(f"label: {p['label']} ({p['label_source']})")
+    tie = p["clean"]["decision"] == "tie"
+    if tie and p["label_source"] != "given":
+        console.print("label: none - the model's clean decision is a tie (both candidates equally similar), "
+                      "so there is no decision to attack")
+    else:
+        console.print(f"label: {p['label']} ({p['label_source']})")
     for key in ("clean", "adversarial"):
         r = p[key]
         console.print(f"{key:<12} sim(ref, left) = {r['sim_left']:.4f}   sim(ref, right) = {r['sim_right']:.4f}"
                       f"   -> {r['decision']}")
-    if not p["clean_correct"]:
+    if tie:
+        verdict = "undecided before the attack, nothing to flip (a tie counts as wrong)"
+    elif not p["clean_correct"]:
         verdict = "already wrong before the attack"
     elif p["flipped"]:
         verdict = "decision FLIPPED by the attack"
@@ -129,6 +183,9 @@ def _render_2afc(console, p: dict) -> None:
                   f" (budget {t['norm']} {t['eps_text']}, APGD {t['iters']} iters x {t['restarts']} restart(s))")
     if p.get("found_by_square"):
         console.print("warning: Square Attack broke this point where APGD did not (possible gradient masking).")
+    elif p.get("found_by_square") is False and p["clean_correct"] and not p["flipped"]:
+        console.print(f"Square Attack ({t['square_queries']} queries) found nothing either: no sign of gradient "
+                      "masking at this radius.")
     if p.get("broken_low_precision_only"):
         console.print(f"note: the {t['autocast']} attack broke this decision but the fp32 re-check did not; "
                       "it counts as held (a low-precision attack can understate the attack's strength).")
@@ -139,7 +196,7 @@ def _render_2afc(console, p: dict) -> None:
                       f"on the saved pixels {effect}")
 
 
-@app.command("embed")
+@app.command("embed", cls=PerceptCommand)
 @handle_errors
 def attack_embed_command(
     image: Annotated[Path, typer.Argument(help="Image to perturb.", show_default=False)],
@@ -149,8 +206,9 @@ def attack_embed_command(
                                                          "(repeatable): pull the embedding towards them (Eq. 5).")]
     = None,
     out: OutOpt = None,
+    skip_bad: SkipBadOpt = False,
     norm: NormOpt = "linf", eps: EpsOpt = None, iters: ItersOpt = 100, restarts: RestartsOpt = 1,
-    random_start: RandomStartOpt = True,
+    random_start: RandomStartOpt = True, force: ForceOpt = False,
     model: ModelOpt = DEFAULT_MODEL, checkpoint: CheckpointOpt = None, device: DeviceOpt = "auto",
     dtype: AttackDtypeOpt = "fp32", batch_size: BatchSizeOpt = 32, resize: ResizeOpt = None, crop: CropOpt = None,
     pooling: PoolingOpt = None, seed: SeedOpt = 0, json: JsonOpt = False, quiet: QuietOpt = False,
@@ -162,36 +220,43 @@ def attack_embed_command(
     from ..attacks.tasks import save_ready
     from ..errors import BadInputError
     from ..io.images import list_images
-    from ..io.outputs import save_png
+    from ..io.outputs import OutputWrites, save_png
 
     if untargeted == bool(target):
         raise BadInputError("choose exactly one of --untargeted or --target IMAGE (at least one target).")
     targets = [p for t in (target or []) for p in (list_images(t) if t.is_dir() else [t])]
-    settings = attack_settings(norm, eps, iters, restarts, random_start, seed, dtype)
+    settings = attack_settings(norm, eps, iters, restarts, random_start, seed, dtype, force=force)
     common = Common(model, checkpoint, device, "fp32", batch_size, None, seed, json, quiet, resize, crop, pooling)
     output = Output(json, quiet)
-    metric = _prepare(common, output, [image, *targets], out)
+    targets, skipped = _usable(targets, skip_bad, output, required=[image])
+    metric = _prepare(common, output, [image, *targets], out, folders=target or [])
     x = metric.pixels([str(image)])
     t_pixels = metric.pixels([str(p) for p in targets]) if targets else None
     with output.progress(settings.iters * settings.restarts, "APGD") as advance:
         report = attack_embedding(metric, x, t_pixels, settings, progress=advance)
-    payload = {**common.describe(metric), "threat": _threat(settings),
+    payload = {**common.describe(metric), "threat": _threat(settings, decision=False),
                "mode": "untargeted" if untargeted else "targeted", "distance_to": report.reference,
                "clean_distance": float(report.clean_distance[0]), "adv_distance": float(report.adv_distance[0]),
                "perturbation_norm": float(report.perturbation_norm[0]),
-               "targets": [str(p) for p in targets]}
+               "targets": [str(p) for p in targets],
+               "skipped": [{"path": f.path, "reason": f.reason} for f in skipped]}
     if report.distances_per_target is not None:
         payload["adv_distance_per_target"] = report.distances_per_target[0].tolist()
+    writes, saved = OutputWrites(), None
     if out is not None:
         q, in_ball = save_ready(report.x_adv, x, settings.eps, settings.norm)
-        save_png(out, q[0])
+        saved = writes.attempt("--out", out, lambda: save_png(out, q[0]))
+    if saved is not None:
         with torch.no_grad():
             e_saved = metric.embed_pixels(q.to(metric.device))
             ref = metric.embed_pixels(x.to(metric.device)) if untargeted else metric.embed_pixels(
                 t_pixels.to(metric.device))
-            saved_d = float((1 - e_saved @ ref.T).mean())
+            saved_d = float((1 - e_saved @ ref.T).clamp(0.0, 2.0).mean())
         payload["saved"] = {"path": str(out), "in_ball": bool(in_ball[0]), "distance": saved_d}
+    if writes.failures:
+        payload["not_written"] = writes.failures
     output.result(payload, lambda c: _render_embed(c, payload))
+    writes.raise_if_failed()
 
 
 def _render_embed(console, p: dict) -> None:

@@ -9,9 +9,9 @@ import typer
 
 from ..models.zoo import DEFAULT_MODEL
 from .errors import handle_errors
-from .options import (BatchSizeOpt, CheckpointOpt, Common, CropOpt, DeviceOpt, DtypeOpt, ItersOpt, JsonOpt, ModelOpt,
-                      NormOpt, PoolingOpt, QuietOpt, RandomStartOpt, ResizeOpt, RestartsOpt, SeedOpt, WorkersOpt,
-                      attack_settings)
+from .options import (BatchSizeOpt, CheckpointOpt, Common, CropOpt, DeviceOpt, DtypeOpt, ForceOpt, ItersOpt, JsonOpt,
+                      ModelOpt, NormOpt, PoolingOpt, QuietOpt, RandomStartOpt, ResizeOpt, RestartsOpt, SeedOpt,
+                      WorkersOpt, attack_settings)
 from .output import Output
 
 MAX_PRINTED_MATRIX = (40, 12)  # rows, cols shown as a table without --out
@@ -35,13 +35,19 @@ def distance(
                                                 "pairs/ranking .csv/.json.")] = None,
     recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Look for images in subdirectories.")] = False,
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Report and skip unreadable images instead of stopping.")] = False,
+    top: Annotated[Optional[int], typer.Option("--top", min=1, metavar="K", show_default=False,
+                                               help="Ranking: list only the K nearest candidates.")] = None,
+    threshold: Annotated[Optional[float], typer.Option(
+        "--threshold", min=0.0, metavar="D", show_default=False,
+        help="Ranking: list only candidates within distance D of the reference (near-duplicates).")] = None,
     robust: Annotated[Optional[str], typer.Option(
-        "--robust", help="Also report [min, max] distance an attacker perturbing the second image within this "
+        "--robust", help="Also report \\[min, max] distance an attacker perturbing the second image within this "
         "radius reaches (two APGD runs; an empirical bound, not a certificate).", rich_help_panel="Attack")] = None,
     norm: NormOpt = "linf",
     iters: ItersOpt = 100,
     restarts: RestartsOpt = 1,
     random_start: RandomStartOpt = True,
+    force: ForceOpt = False,
     model: ModelOpt = DEFAULT_MODEL,
     checkpoint: CheckpointOpt = None,
     device: DeviceOpt = "auto",
@@ -56,21 +62,25 @@ def distance(
     quiet: QuietOpt = False,
 ) -> None:
     from .. import distances
-    from ..io.outputs import MATRIX_FORMATS, TABLE_FORMATS, check_output_path
+    from ..io.outputs import OutputWrites
 
     settings = None
     if robust is not None:  # weights stay fp32; --dtype then sets the attack's autocast precision
-        settings = attack_settings(norm, robust, iters, restarts, random_start, seed, dtype)
+        settings = attack_settings(norm, robust, iters, restarts, random_start, seed, dtype, force=force)
         dtype = "fp32"
     common = Common(model, checkpoint, device, dtype, batch_size, workers, seed, json, quiet, resize, crop, pooling)
     output = Output(json, quiet)
 
     job = distances.plan_job(inputs or [], str(pairs) if pairs else None, recursive)
+    if (top is not None or threshold is not None) and job.mode != "rank":
+        from ..errors import BadInputError
+
+        raise BadInputError(f"--top and --threshold apply to ranking (REF.png CANDIDATES...), not to {job.mode} mode.")
     if settings is not None:
         distances.check_robust_mode(job.mode)
     files = job.files()
     if out is not None:
-        check_output_path(out, MATRIX_FORMATS if job.mode == "matrix" else TABLE_FORMATS, files)
+        _check_out(out, job.mode, files, [*(inputs or []), pairs, model, checkpoint])
     elif job.mode == "matrix" and not json and (len(job.rows) > MAX_PRINTED_MATRIX[0]
                                                or len(job.cols) > MAX_PRINTED_MATRIX[1]):
         from ..errors import BadInputError
@@ -79,11 +89,12 @@ def distance(
                             "pass --out FILE (.csv, .npy or .safetensors) or --json.")
     failures = distances.check_files(files)
     if failures and not skip_bad:
-        raise distances.first_failure_error(failures)
+        raise distances.first_failure_error(failures, job.origin)
 
     metric = common.load_metric(output)
     with output.progress(len(files) - len(failures), "Embedding") as advance:
-        result = distances.run_job(metric, job, skip_bad=skip_bad, skipped=failures, progress=advance)
+        result = distances.run_job(metric, job, skip_bad=skip_bad, skipped=failures, progress=advance, top=top,
+                                   threshold=threshold)
     if settings is not None:
         with output.progress(2 * settings.iters * settings.restarts * -(-len(result.records) // batch_size),
                              "Attacking") as advance:
@@ -91,17 +102,33 @@ def distance(
     for failure in result.skipped:
         output.warn(f"skipped {failure.path}: {failure.reason}")
 
-    written = _write(out, result, common.describe(metric)) if out is not None else None
+    writes = OutputWrites()  # a failed write still prints the results, then exits non-zero
+    written = (writes.attempt("--out", out, lambda: _write(out, result, common.describe(metric)))
+               if out is not None else None)
     payload = {**common.describe(metric), "mode": result.mode, "results": result.records,
                "robust": None if settings is None else _robust_info(settings),
                "skipped": [{"path": f.path, "reason": f.reason} for f in result.skipped],
                "out": str(written) if written else None}
+    if writes.failures:
+        payload["not_written"] = writes.failures
     if result.matrix is not None:
         payload.update(rows=result.row_names, cols=result.col_names,
                        shape=list(result.matrix.shape))
-        if out is None:
+        if written is None:
             payload["matrix"] = result.matrix.tolist()
     output.result(payload, lambda console: _render(console, result, written, payload["robust"]))
+    writes.raise_if_failed()
+
+
+def _check_out(out: Path, mode: str, files: list, given: list) -> None:
+    """Before any model work: --out is no input (file, folder, model) and can be written."""
+    from ..io.outputs import MATRIX_FORMATS, TABLE_FORMATS, check_outputs, output_file, path_inputs
+
+    specs = [output_file("--out", out, MATRIX_FORMATS if mode == "matrix" else TABLE_FORMATS)]
+    if mode == "matrix" and out.suffix.lower() == ".npy":  # the labels written beside it
+        specs.append(output_file("--out", out.with_name(out.name + ".labels.json")))
+    on_disk = path_inputs(given)
+    check_outputs(specs, inputs=[*files, *on_disk], input_dirs=on_disk)
 
 
 def _robust_info(settings) -> dict:
@@ -129,6 +156,8 @@ def _render(console, result, written: Optional[Path], robust: Optional[dict] = N
         extra = (f"  [{rec['low']:.4f}, {rec['high']:.4f}] under {robust['norm']} {robust['eps_text']}"
                  if robust else "")
         console.print(f"d = {rec['distance']:.4f}{extra}")
+        if written is not None:
+            console.print(f"wrote 1 distance to {written}")
         return
     if written is not None:
         what = (f"{result.matrix.shape[0]}x{result.matrix.shape[1]} distance matrix" if result.matrix is not None
@@ -144,9 +173,13 @@ def _render(console, result, written: Optional[Path], robust: Optional[dict] = N
             table.add_row(name, *(f"{v:.4f}" for v in row))
         console.print(table)
         return
+    if result.mode == "rank" and not result.records:
+        console.print("no candidate to list (all beyond --threshold, or skipped).")
+        return
     table = Table(show_header=True, header_style="bold")
+    if result.mode == "rank" and result.records:  # a line, not a table title: a long path must not wrap mid-name
+        console.print(f"distance to {result.records[0]['a']}", markup=False, soft_wrap=True)
     if result.mode == "rank":
-        table.title = f"distance to {result.records[0]['a']}" if result.records else None
         table.add_column("#", justify="right")
         table.add_column("candidate")
         table.add_column("distance", justify="right")

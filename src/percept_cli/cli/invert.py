@@ -61,6 +61,9 @@ def invert_command(
                                        "reconstructions.")] = False,
     judge: Annotated[Optional[str], typer.Option("--judge", help="Also report the similarity under this model.")]
     = None,
+    skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Accepted as by the other commands; --image is the "
+                                           "only image, so an unreadable one still stops the run (exit 2).")]
+    = False,
     model: ModelOpt = DEFAULT_MODEL, checkpoint: CheckpointOpt = None, device: DeviceOpt = "auto",
     dtype: AttackDtypeOpt = "fp32", resize: ResizeOpt = None, crop: CropOpt = None,
     pooling: PoolingOpt = None,
@@ -72,7 +75,7 @@ def invert_command(
     from ..errors import BadInputError
     from ..inversion import InversionSettings, contact_sheet, invert, slug
     from ..metric import load_metric
-    from ..io.outputs import save_png
+    from ..io.outputs import OutputWrites, save_png
 
     if (image is None) == (text is None):
         raise BadInputError("give exactly one target: --image PATH or --text PROMPT.")
@@ -86,9 +89,14 @@ def invert_command(
     if image is not None:
         from ..io.images import check_image
 
-        check_image(image)
-    if out.exists() and not out.is_dir():
-        raise BadInputError(f"--out {out} exists and is not a folder.")
+        try:
+            check_image(image)
+        except BadInputError as exc:
+            if skip_bad:  # the only target: nothing usable remains after skipping it
+                raise BadInputError(f"{exc}; it is the only target image, so nothing is left to invert.") from exc
+            raise
+    _check_out(out, slug(text) if text is not None else slug(image.stem), seed_list, grid, save_every,
+               [image, model, checkpoint, judge])
     output = Output(json, quiet)
     with output.status(f"Loading {model} ..."):
         metric = load_metric(model, device=device, checkpoint=checkpoint, with_text=text is not None,
@@ -103,15 +111,17 @@ def invert_command(
         target_emb, name = metric.embed_pixels(target_pixels.to(metric.device)).detach()[0], slug(image.stem)
         judge_target = judge_metric.embed([str(image)])[0] if judge_metric else None
 
-    out.mkdir(parents=True, exist_ok=True)
+    writes = OutputWrites()  # a failed write still prints the similarities, then exits non-zero
+    writes.attempt("--out", out, lambda: out.mkdir(parents=True, exist_ok=True))
     written_steps: list[str] = []
 
     def on_iteration(k, best, best_sim):
-        if save_every and k % save_every == 0:
+        if save_every and k % save_every == 0 and not writes.failures:
             steps = out / "steps"
-            steps.mkdir(exist_ok=True)
             for s, img in zip(seed_list, best):
-                written_steps.append(str(save_png(steps / f"{name}_seed{s}_iter{k:04d}.png", img)))
+                path = steps / f"{name}_seed{s}_iter{k:04d}.png"
+                if writes.attempt("--save-every", path, lambda: (steps.mkdir(exist_ok=True), save_png(path, img))):
+                    written_steps.append(str(path))
 
     with output.progress(settings.iters, "Inverting") as advance:
         state = {"k": 0}
@@ -132,36 +142,55 @@ def invert_command(
         with torch.no_grad():
             judge_sims = (judge_metric.embed_pixels(result.images.to(judge_metric.device)) * judge_target).sum(-1)
     for i, s in enumerate(seed_list):
-        path = save_png(out / f"{name}_seed{s}.png", result.images[i])
-        outputs.append({"seed": s, "path": str(path), "similarity": float(result.similarity[i]),
+        png = out / f"{name}_seed{s}.png"
+        path = writes.attempt("--out", png, lambda: save_png(png, result.images[i]))
+        outputs.append({"seed": s, "path": str(path) if path else None, "similarity": float(result.similarity[i]),
                         "judge_similarity": None if judge_sims is None else float(judge_sims[i])})
     grid_path = None
     if grid:
         labels = [f"seed {o['seed']}  cos {o['similarity']:.3f}" for o in outputs]
         sheet = contact_sheet(result.images, labels, target_pixels[0] if target_pixels is not None else None,
                               "target" if text is None else "", tile=result.images.shape[-1])
-        grid_path = save_png(out / f"{name}_grid.png", sheet)
+        png = out / f"{name}_grid.png"
+        grid_path = writes.attempt("--grid", png, lambda: save_png(png, sheet))
     payload = {"model": metric.source.as_dict(), "device": str(metric.device),
                "target": {"kind": "text" if text is not None else "image", "value": text or str(image)},
                "method": settings.method, "iters": settings.iters, "radius": settings.radius,
                "step_size": settings.step_size, "size": result.images.shape[-1],
                "judge": judge_metric.source.as_dict() if judge_metric else None,
                "outputs": outputs, "grid": str(grid_path) if grid_path else None, "intermediate": written_steps}
+    if writes.failures:
+        payload["not_written"] = writes.failures
     output.result(payload, lambda console: _render(console, payload))
+    writes.raise_if_failed()
+
+
+def _check_out(out: Path, name: str, seeds: list[int], grid: bool, save_every: int, given: list) -> None:
+    """Before any model work: no output is an input (image, model, checkpoint) or inside an input
+    folder, and the --out folder can be written."""
+    from ..io.outputs import check_outputs, output_file, output_folder, path_inputs
+
+    specs = [output_folder("--out", out)] + ([output_folder("--save-every", out / "steps")] if save_every else [])
+    if out.is_dir():  # the files it will hold (a folder still to be created holds no input)
+        specs += [output_file("--out", out / f"{name}_seed{s}.png") for s in seeds]
+        specs += [output_file("--grid", out / f"{name}_grid.png")] if grid else []
+    on_disk = path_inputs(given)
+    check_outputs(specs, inputs=on_disk, input_dirs=on_disk)
 
 
 def _render(console, p: dict) -> None:
     from rich.table import Table
 
-    table = Table(title=f"{p['method']} inversion of {p['target']['kind']} '{p['target']['value']}'",
-                  header_style="bold")
+    console.print(f"{p['method']} inversion of {p['target']['kind']} '{p['target']['value']}'", markup=False,
+                  soft_wrap=True)  # a line, not a table title: a long path or prompt must not wrap mid-word
+    table = Table(header_style="bold")
     table.add_column("seed", justify="right")
     table.add_column("file")
     table.add_column("cos (model)", justify="right")
     if p["judge"]:
         table.add_column(f"cos ({p['judge']['name']})", justify="right")
     for o in p["outputs"]:
-        row = [str(o["seed"]), o["path"], f"{o['similarity']:.4f}"]
+        row = [str(o["seed"]), o["path"] or "(not written)", f"{o['similarity']:.4f}"]
         if p["judge"]:
             row.append(f"{o['judge_similarity']:.4f}")
         table.add_row(*row)

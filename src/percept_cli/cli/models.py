@@ -7,20 +7,21 @@ from typing import Annotated, Optional
 
 import typer
 
+from .command import PerceptCommand, PerceptGroup
 from .errors import handle_errors
 from .options import CheckpointOpt, JsonOpt, QuietOpt
 from .output import Output
 
-app = typer.Typer(help="List the model zoo, inspect and download models.", no_args_is_help=True)
+app = typer.Typer(help="List the model zoo, inspect and download models.", no_args_is_help=True, cls=PerceptGroup)
 
-NameArg = Annotated[str, typer.Argument(help="Zoo name, hf-hub:ORG/NAME[@REV] or a local model directory.")]
+NameArg = Annotated[str, typer.Argument(help="Zoo name, hf-hub:ORG/NAME\\[@REV] or a local model directory.")]
 
 
 def _pct(value: Optional[float]) -> str:
     return "–" if value is None else f"{value:.1f}"
 
 
-@app.command("list")
+@app.command("list", cls=PerceptCommand)
 @handle_errors
 def list_command(json: JsonOpt = False) -> None:
     """The named models, with the NIGHTS 2AFC accuracy their authors report."""
@@ -35,7 +36,8 @@ def list_command(json: JsonOpt = False) -> None:
     def render(console):
         from rich.table import Table
 
-        table = Table(title="percept model zoo  (NIGHTS 2AFC %: clean / l_inf 4/255 / l2 3)", header_style="bold")
+        console.print("percept model zoo (NIGHTS 2AFC %: clean / l_inf 4/255 / l2 3)", markup=False, soft_wrap=True)
+        table = Table(header_style="bold")
         for col, kw in (("name", {"no_wrap": True}), ("metric", {}), ("backbone", {"no_wrap": True}),
                         ("robust FT", {"no_wrap": True}),
                         ("clean", {"justify": "right"}), ("l_inf", {"justify": "right"}),
@@ -52,7 +54,7 @@ def list_command(json: JsonOpt = False) -> None:
     Output(json).result(payload, render)
 
 
-@app.command("info")
+@app.command("info", cls=PerceptCommand)
 @handle_errors
 def info_command(name: NameArg, checkpoint: CheckpointOpt = None, json: JsonOpt = False) -> None:
     """Source, resolved revision and cache path of a model (never downloads), and its published numbers."""
@@ -102,10 +104,11 @@ def _render_published(console, published: list[dict]) -> None:
         console.print(f"{source}: {SOURCES[source]}", style="dim")
 
 
-@app.command("download")
+@app.command("download", cls=PerceptCommand)
 @handle_errors
 def download_command(name: NameArg, json: JsonOpt = False, quiet: QuietOpt = False) -> None:
     """Fetch a model into the Hugging Face cache ahead of time (honours HF_HOME / HF_HUB_CACHE)."""
+    from ..errors import ModelUnavailableError
     from ..models.loading import download_model
 
     output = Output(json, quiet)
@@ -113,10 +116,27 @@ def download_command(name: NameArg, json: JsonOpt = False, quiet: QuietOpt = Fal
         from huggingface_hub.utils import disable_progress_bars
 
         disable_progress_bars()
-    files = download_model(name)
+    try:
+        files = download_model(name)
+    except ModelUnavailableError as exc:
+        if exc.hint is None:  # e.g. a gated repo: the message already says what to do
+            raise
+        raise ModelUnavailableError(exc.message, _download_failed_hint(name)) from None
     payload = {"name": name, "repo_id": files.repo_id, "revision": files.revision, "path": str(files.root),
                "files": [p.name for p in (files.config_path, files.weights_path) if p]}
     output.result(payload, lambda c: c.print(f"{name}: {files.repo_id}@{files.revision} in {files.root}"))
+
+
+def _download_failed_hint(name: str) -> str:
+    """What to do when a download could not reach the Hub (running the same command again is not it)."""
+    from ..models.hub import hub_offline
+
+    if hub_offline():
+        return ("HF_HUB_OFFLINE is set, so the Hub is never contacted: unset it (or set it to 0) to download, "
+                "or copy a Hugging Face cache holding the model and point HF_HUB_CACHE or HF_HOME at it.")
+    return (f"Check the network connection (proxy: HTTPS_PROXY; mirror: HF_ENDPOINT) and that '{name}' is the "
+            "right id (`percept models list`), or copy a Hugging Face cache from a connected machine and point "
+            "HF_HUB_CACHE or HF_HOME at it.")
 
 
 def _preprocess_text(pre: dict) -> str:

@@ -10,7 +10,7 @@ import typer
 
 from ..models.zoo import DEFAULT_MODEL
 
-MODEL_HELP = ("Zoo name (see `percept models list`), hf-hub:ORG/NAME[@REV], a local model directory, "
+MODEL_HELP = ("Zoo name (see `percept models list`), hf-hub:ORG/NAME\\[@REV], a local model directory, "
               "or an OpenCLIP architecture with --checkpoint.")
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help=MODEL_HELP, envvar="PERCEPT_MODEL",
@@ -114,20 +114,39 @@ RandomStartOpt = Annotated[bool, typer.Option("--random-start/--no-random-start"
 ATTACK_DTYPE_HELP = ("fp32 | bf16 | fp16: precision of the attack's forward/backward (autocast); "
                      "weights stay fp32 and every verdict is re-checked in fp32.")
 AttackDtypeOpt = Annotated[str, typer.Option("--dtype", help=ATTACK_DTYPE_HELP, rich_help_panel="Model")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Allow an l_inf eps above 1 (more than the whole pixel "
+                                        "range; usually a forgotten /255).", rich_help_panel="Attack")]
 DEFAULT_EPS = {"linf": "4/255", "l2": "3"}
 
 
+def check_radii(radii, norm: str, force: bool = False) -> None:
+    """Refuse l_inf radii above 1 unless ``force`` (BadInputError with an eps/255 hint); warn on stderr
+    for l_inf radii above 32/255."""
+    from rich.console import Console
+
+    from ..attacks.threat import check_radius, radius_warning
+
+    for eps in radii:
+        check_radius(eps, norm, force=force, escape="add --force")
+    for message in filter(None, (radius_warning(eps, norm) for eps in radii)):
+        Console(stderr=True, highlight=False).print(f"[yellow]warning:[/yellow] {message}")
+
+
 def attack_settings(norm: str, eps: Optional[str], iters: int, restarts: int, random_start: bool, seed: int,
-                    dtype: str, loss: str = "ce", square_queries: int = 0):
-    """AttackSettings from CLI values (validating norm, eps and dtype; BadInputError on bad ones)."""
+                    dtype: str, loss: str = "ce", square_queries: int = 0, force: bool = False):
+    """AttackSettings from CLI values (validating norm, eps and dtype; BadInputError on bad ones).
+
+    An l_inf eps above 1 is refused unless ``force``; one above 32/255 gets a warning on stderr.
+    """
     import torch
 
     from ..attacks import AttackSettings, parse_eps, parse_norm
     from ..devices import resolve_dtype
 
     norm = parse_norm(norm)
+    value = parse_eps(eps if eps is not None else DEFAULT_EPS[norm])
+    check_radii([value], norm, force)
     autocast = resolve_dtype(dtype)
-    return AttackSettings(norm=norm, eps=parse_eps(eps if eps is not None else DEFAULT_EPS[norm]), iters=iters,
-                          restarts=restarts, random_start=random_start, seed=seed, loss=loss,
-                          autocast_dtype=None if autocast == torch.float32 else autocast,
-                          square_queries=square_queries)
+    return AttackSettings(norm=norm, eps=value, iters=iters, restarts=restarts, random_start=random_start,
+                          seed=seed, loss=loss, autocast_dtype=None if autocast == torch.float32 else autocast,
+                          square_queries=square_queries, force=force)

@@ -26,6 +26,28 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def stdout_closed() -> None:
+    """The reader of stdout went away (``percept models list | head -1``): exit 0 quietly, as Unix tools do.
+
+    stdout is pointed at /dev/null first so that Python's flush at exit does not fail a second time.
+    """
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # no real file descriptor (a test runner's buffer): nothing to redirect
+        pass
+    raise SystemExit(0)
+
+
+class _Console(Console):
+    """rich's Console, but a closed pipe ends the program with 0 rather than rich's 1."""
+
+    def on_broken_pipe(self) -> None:
+        stdout_closed()
+
+
 class Output:
     """Where a command's results, progress and warnings go.
 
@@ -39,8 +61,8 @@ class Output:
         self.json_mode = json_mode
         self.quiet = quiet
         # piped stdout is not squeezed into 80 columns: tables stay one row per line
-        self.out = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
-        self.err = Console(stderr=True, highlight=False)
+        self.out = _Console(highlight=False, width=None if sys.stdout.isatty() else 200)
+        self.err = _Console(stderr=True, highlight=False)
 
     @property
     def interactive(self) -> bool:
@@ -92,3 +114,13 @@ class Output:
                 bar.update(task, advance=n, **({"description": text} if text else {}))
 
             yield advance
+
+
+def print_error_document(error: str, hint: str | None, exit_code: int, kind: str) -> None:
+    """``--json`` mode's answer to a failure: one JSON document on stdout (the human line is on stderr)."""
+    document = {"error": error, "hint": hint, "exit_code": exit_code, "type": kind}
+    try:
+        sys.stdout.write(json.dumps(document, indent=2) + "\n")
+        sys.stdout.flush()
+    except (BrokenPipeError, ValueError):  # nobody is reading stdout (closed pipe or stream)
+        pass

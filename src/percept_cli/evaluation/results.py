@@ -28,7 +28,17 @@ def check_schema(record, where: str) -> None:
                             "rerun the evaluation.")
     if schema != SCHEMA:
         raise BadInputError(f"{where}: not a percept eval-2afc results file.")
-_MATCHING_KEYS = ("dataset", "protocol", "attack", "radii", "seed")
+
+
+def settings_of(record: dict) -> dict:
+    """The part of a results document that a resumed run must match."""
+    return {key: record.get(key) for key in _MATCHING_KEYS}
+
+# The settings a resumed run must share with the run it continues (every one changes the numbers).
+_MATCHING_KEYS = ("dataset", "protocol", "attack", "radii", "seed", "model_options")
+PARTIAL_SCHEMA = "percept.eval-2afc-partial/1"
+_MISSING = object()
+_DEFAULT_WHEN_NONE = {"resize", "crop", "pooling", "triplets", "image_list"}  # None: the model's/dataset's own
 
 
 def versions() -> dict:
@@ -42,7 +52,7 @@ def versions() -> dict:
 
 
 def new_record(settings: dict) -> dict:
-    """An empty results document for ``settings`` (dataset, protocol, attack, radii, seed)."""
+    """An empty results document for ``settings`` (dataset, protocol, attack, radii, seed, model_options)."""
     return {"schema": SCHEMA, "status": "partial", "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "versions": versions(), **settings, "models": {}}
 
@@ -57,10 +67,14 @@ def partial_path(path: Path, rank: int) -> Path:
     return path.with_name(f"{path.name}.rank{rank}.partial.json")
 
 
-def save_partial(path: Path, rank: int, model_key: str, records: dict) -> None:
-    """Flush this process's records for one model next to the results file."""
+def save_partial(path: Path, rank: int, model_key: str, records: dict, settings: dict,
+                 wall_time_s: float | None = None) -> None:
+    """Flush this process's records for one model next to the results file, with the run's settings
+    and the model's wall time so far (earlier resumed runs included)."""
+    payload = {"schema": PARTIAL_SCHEMA, "settings": {k: settings.get(k) for k in _MATCHING_KEYS},
+               "model": model_key, "records": records, "wall_time_s": wall_time_s}
     with atomic_path(partial_path(path, rank)) as tmp:
-        tmp.write_text(json.dumps({"model": model_key, "records": records}, allow_nan=False), encoding="utf-8")
+        tmp.write_text(json.dumps(payload, allow_nan=False), encoding="utf-8")
 
 
 def clear_partials(path: Path) -> None:
@@ -71,34 +85,119 @@ def clear_partials(path: Path) -> None:
 def load_for_resume(path: Path, settings: dict) -> dict:
     """The document at ``path`` (with any partial flushes merged), checked against ``settings``.
 
+    The results file (if any) and every partial file must carry exactly ``settings``.
+
     Raises:
-        BadInputError: missing/unreadable file, another schema, or different settings.
+        BadInputError: no results or partial file; a file that is unreadable, truncated, of another
+            schema or not a results document; or settings that differ (one line naming each).
     """
+    path = Path(path)
+    where = f"--resume {path}"
     try:
-        record = json.loads(Path(path).read_text(encoding="utf-8"))
+        record = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         record = None
     except (OSError, ValueError) as exc:
-        raise BadInputError(f"--resume {path}: cannot read ({exc}).") from exc
-    partials = sorted(Path(path).parent.glob(f"{Path(path).name}.rank*.partial.json"))
+        raise BadInputError(f"{where}: cannot read ({exc}).") from exc
+    partials = sorted(path.parent.glob(f"{path.name}.rank*.partial.json"))
     if record is None and not partials:
-        raise BadInputError(f"--resume {path}: file not found.")
+        raise BadInputError(f"{where}: file not found.")
     if record is None:
         record = new_record(settings)
-    check_schema(record, f"--resume {path}")
-    different = [k for k in _MATCHING_KEYS if record.get(k) != settings.get(k)]
-    if different:
-        raise BadInputError(f"--resume {path} was made with different {', '.join(different)}; "
-                            "rerun with the same options or a new --out.")
+    else:
+        check_schema(record, where)
+        _check_models(record.get("models"), where)
+        _refuse_other_settings(settings_of(record), settings, where)
     for part in partials:
-        try:
-            data = json.loads(part.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue  # a flush interrupted mid-way can only be the temp file, but stay safe
-        entry = record["models"].setdefault(data["model"], {"status": "partial", "triplets": []})
-        known = {t["id"]: t for t in entry.get("triplets", [])}
-        for key, rec in data["records"].items():
-            if key not in known or (known[key].get("robust_correct") is None and rec.get("robust_correct") is not None):
-                known[key] = rec
-        entry["triplets"] = list(known.values())
+        data = _read_partial(part, where)
+        _refuse_other_settings(data["settings"], settings, f"{where}: {part.name}")
+        _merge(record, data["model"], data["records"], data.get("wall_time_s"))
     return record
+
+
+def _read_partial(part: Path, where: str) -> dict:
+    """A partial file's content, checked; a truncated or foreign one is refused, never skipped."""
+    redo = "delete it to redo that work, or use a new --out"
+    try:
+        data = json.loads(part.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise BadInputError(f"{where}: partial file {part} is unreadable or truncated ({exc}); {redo}.") from exc
+    if not isinstance(data, dict) or data.get("schema") != PARTIAL_SCHEMA or not isinstance(data.get("settings"), dict):
+        raise BadInputError(f"{where}: {part} is not a partial file of this percept version (its settings "
+                            f"cannot be checked); {redo}.")
+    records = data.get("records")
+    if not isinstance(data.get("model"), str) or not isinstance(records, dict) or not all(
+            isinstance(r, dict) and r.get("id") == k for k, r in records.items()):
+        raise BadInputError(f"{where}: partial file {part} is damaged; {redo}.")
+    return data
+
+
+def _check_models(models, where: str) -> None:
+    ok = isinstance(models, dict) and all(
+        isinstance(entry, dict) and isinstance(entry.get("triplets", []), list)
+        and all(isinstance(t, dict) and "id" in t for t in entry.get("triplets", [])) for entry in models.values())
+    if not ok:
+        raise BadInputError(f"{where}: damaged results file ('models' is not what percept writes); "
+                            "rerun with a new --out.")
+
+
+def _merge(record: dict, model_key: str, records: dict, wall_time_s=None) -> None:
+    """Add a partial file's records to the model's entry; a finished record wins over an unfinished one.
+    The entry's ``wall_time_s`` becomes the longest one flushed (ranks run side by side)."""
+    entry = record["models"].setdefault(model_key, {"status": "partial", "triplets": []})
+    if isinstance(wall_time_s, (int, float)):
+        entry["wall_time_s"] = max(float(entry.get("wall_time_s") or 0.0), float(wall_time_s))
+    known = {t["id"]: t for t in entry.get("triplets", [])}
+    for key, rec in records.items():
+        if key not in known or (known[key].get("robust_correct") is None and rec.get("robust_correct") is not None):
+            known[key] = rec
+    entry["triplets"] = list(known.values())
+
+
+def _refuse_other_settings(made_with: dict, now: dict, where: str) -> None:
+    """BadInputError naming every setting that differs: ``WHERE was made with a=1 b=2; now a=3 b=4``."""
+    old, new = _flat(made_with), _flat(json.loads(json.dumps(now)))
+    keys = list(new) + [k for k in old if k not in new]
+    differ = [k for k in keys if old.get(k, _MISSING) != new.get(k, _MISSING)]
+    if not differ:
+        return
+
+    def side(flat: dict) -> str:
+        norm = flat.get("norm") if flat.get("norm") in ("linf", "l2") else "l2"
+        shown = [f"{k}={_show(k, flat[k], norm)}" for k in differ if k in flat]
+        return " ".join(shown) or "(not recorded)"
+
+    raise BadInputError(f"{where} was made with {side(old)}; now {side(new)}. "
+                        "Rerun with the same options, or use a new --out.")
+
+
+def _flat(settings: dict) -> dict:
+    """Leaf settings by short name: dataset.name -> dataset, attack.norm -> norm, radii -> eps."""
+    flat: dict = {}
+
+    def walk(value, name: str) -> None:
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                walk(inner, name if key == "name" else key)
+        else:
+            flat[name] = value
+
+    for key in _MATCHING_KEYS:
+        walk(settings.get(key) if isinstance(settings, dict) else None, "eps" if key == "radii" else key)
+    return flat
+
+
+def _show(key: str, value, norm: str) -> str:
+    from ..attacks.threat import format_eps
+
+    if value is None:
+        return "default" if key in _DEFAULT_WHEN_NONE else "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if key == "eps" and isinstance(value, list):
+        return ",".join(format_eps(v, norm) if isinstance(v, (int, float)) else str(v) for v in value) or "none"
+    if isinstance(value, list):
+        return ",".join(str(v) for v in value) or "none"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)

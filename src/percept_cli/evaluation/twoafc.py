@@ -68,6 +68,21 @@ def input_preprocess(metric, index: DatasetIndex, protocol: str = "paper") -> Op
     return None
 
 
+def without_images(index: DatasetIndex, bad) -> tuple[DatasetIndex, list[str]]:
+    """``index`` without the items that use any of the image paths in ``bad`` (``--skip-bad``).
+
+    Returns:
+        (the reduced index, with groups left empty removed; the ids of the items left out).
+    """
+    bad = set(bad)
+    kept, dropped = [], []
+    for item in index.items:
+        paths = item.images if isinstance(item, OddOneOut) else (item.ref, item.left, item.right)
+        (dropped if bad.intersection(paths) else kept).append(item)
+    groups = [g for g in index.groups if any(item.group == g for item in kept)]
+    return replace(index, items=kept, groups=groups), [item.id for item in dropped]
+
+
 def score_2afc(d_left: float, d_right: float, p_right: float) -> float:
     """LPIPS/DreamSim 2AFC score: agreement with the fraction of people; a tie scores 0.5."""
     return float(d_left < d_right) * (1 - p_right) + float(d_right < d_left) * p_right + 0.5 * float(d_left == d_right)
@@ -137,7 +152,7 @@ def _clean_record(item, emb: dict, n_radii: int) -> dict:
         return {"id": item.id, "group": item.group, "similarities": [s01, s02, s12],
                 "clean_score": score_odd_one_out(s01, s02, s12), "clean_correct": s01 > max(s02, s12)}
     ref, left, right = emb[item.ref], emb[item.left], emb[item.right]
-    d_left, d_right = 1.0 - float(ref @ left), 1.0 - float(ref @ right)
+    d_left, d_right = (min(2.0, max(0.0, 1.0 - float(ref @ e))) for e in (left, right))  # 1 - cos, in [0, 2]
     label = item.label
     margin = (d_left - d_right) if label == 1 else (d_right - d_left)  # > 0: the majority answer wins
     rec = {"id": item.id, "group": item.group, "p_right": item.p_right, "label": label, "d_left": d_left,
@@ -215,15 +230,32 @@ def _record_radius(out: list[dict], rows: list[int], r: int, held, margin, squar
             out[row]["square_found"][r] = True
 
 
-def _save_adversarial(folder: Path, items, x_adv, x, eps, norm) -> None:
+def adversarial_folder(folder: Path, eps: float, norm: str) -> Path:
+    """Where one model's adversarial references at radius ``eps`` go: ``folder/<radius>`` (``4/255`` as
+    ``4_255``); ``folder`` is the model's own folder, ``DIR/<model folder>`` (see ``model_folder_names``)."""
     from ..attacks import format_eps
-    from ..io.outputs import save_png
+
+    return folder / format_eps(eps, norm).replace("/", "_")
+
+
+def _save_adversarial(folder: Path, items, x_adv, x, eps, norm) -> None:
+    """Write the batch's adversarial references (8-bit, inside the ball) as ``<triplet id>.png``.
+
+    Raises:
+        OutputNotWrittenError: a file could not be written (naming it).
+    """
+    from ..io.outputs import OutputNotWrittenError, save_png
 
     q, _ = save_ready(x_adv, x, eps, norm)
-    target = folder / format_eps(eps, norm).replace("/", "_")
-    target.mkdir(parents=True, exist_ok=True)
-    for item, pixels in zip(items, q):
-        save_png(target / (item.id.replace("/", "__") + ".png"), pixels)
+    path = adversarial_folder(folder, eps, norm)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        for item, pixels in zip(items, q):
+            path = adversarial_folder(folder, eps, norm) / (item.id.replace("/", "__") + ".png")
+            save_png(path, pixels)
+    except OSError as exc:
+        raise OutputNotWrittenError([{"option": "--save-adv", "path": str(path), "reason": exc.strerror or str(exc)}],
+                                    "The evaluation stopped; the work flushed so far can be resumed.") from exc
 
 
 def summarize(index: DatasetIndex, records: dict, radii: list[float]) -> dict:

@@ -26,12 +26,47 @@ _HIGH_BIT_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N"})
 _ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
 
 
+def path_problem(path: str | Path) -> str | None:
+    """Why ``path`` cannot be read as a regular file, in words; None when it can be opened.
+
+    ``"file not found"``, ``"is a directory, not a file"``, ``"symlink loop"``,
+    ``"broken symlink (its target X does not exist)"``, ``"not a regular file (a device, pipe or socket)"``,
+    ``"permission denied"``.
+    """
+    import errno
+    import os
+    import stat
+
+    path = Path(path)
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "symlink loop (the link points back to itself)"
+        if exc.errno == errno.EACCES:
+            return "permission denied"
+        if exc.errno == errno.ENOENT and path.is_symlink():
+            return f"broken symlink (its target {os.readlink(path)} does not exist)"
+        if exc.errno == errno.ENOTDIR:
+            return "file not found (a parent in the path is not a directory)"
+        return "file not found" if exc.errno == errno.ENOENT else f"cannot be read ({exc.strerror})"
+    if stat.S_ISDIR(st.st_mode):
+        return "is a directory, not a file"
+    if not stat.S_ISREG(st.st_mode):
+        return "not a regular file (a device, pipe or socket)"
+    if not os.access(path, os.R_OK):
+        return "permission denied"
+    return None
+
+
 def _open(path: Path) -> Image.Image:
     """Open ``path`` lazily (header only), mapping every failure to ImageReadError."""
-    if not path.exists():
-        raise ImageReadError(path, "file not found")
-    if path.is_dir():
-        raise ImageReadError(path, "is a directory, not an image file")
+    problem = path_problem(path)
+    if problem is not None:
+        raise ImageReadError(path, "is a directory, not an image file" if problem.startswith("is a directory")
+                             else problem)
+    if path.stat().st_size == 0:
+        raise ImageReadError(path, "empty file (0 bytes)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -131,11 +166,14 @@ def list_images(directory: str | Path, recursive: bool = False) -> list[Path]:
     """
     root = Path(directory)
     if not root.is_dir():
-        raise BadInputError(f"{root}: not a directory.")
+        problem = path_problem(root)
+        raise BadInputError(f"{root}: {'not a directory' if problem is None else problem}.")
     pattern = root.rglob("*") if recursive else root.iterdir()
     files = sorted((p for p in pattern if is_image_file(p)), key=lambda p: p.relative_to(root).as_posix())
     if not files:
         kinds = ", ".join(sorted(IMAGE_EXTENSIONS))
-        deep = "" if recursive else " (use --recursive to look in subdirectories)"
-        raise BadInputError(f"{root}: no image files found{deep}.", f"Recognised extensions: {kinds}.")
+        where = "" if recursive else " directly in it (subdirectories are not searched)"
+        raise BadInputError(f"{root}: no image files found{where}.", f"Recognised extensions: {kinds}.",
+                            option_hints={} if recursive else {
+                                "--recursive": "Use --recursive to look in subdirectories."})
     return files

@@ -108,16 +108,16 @@ class Preprocess:
         """(3,S,S) float32 tensor in [0,1]."""
         return self.uint8(img).to(torch.float32).div_(255.0)
 
-    def tensor(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Bring a (3,H,W) or (B,3,H,W) tensor to (B,3,S,S) float in [0,1].
+    def tensor(self, pixels, *, input_range: str = "0,1", check: bool = True, name: str = "pixels") -> torch.Tensor:
+        """Bring a (3,H,W) or (B,3,H,W) tensor (or NumPy array) to (B,3,S,S) float in [0,1].
 
-        uint8 tensors are divided by 255; float tensors must already be in [0,1].
+        Values as :func:`as_pixel_batch` reads them (uint8 divided by 255; float in ``input_range``).
         Other sizes go through the same geometry as files (antialiased interpolation).
 
         Raises:
-            BadInputError: wrong shape or values outside [0,1].
+            BadInputError: wrong type, shape or dtype, or values outside the input range.
         """
-        x = as_pixel_batch(pixels)
+        x = as_pixel_batch(pixels, input_range=input_range, check=check, name=name)
         size = self.image_size
         height, width = x.shape[-2:]
         if (height, width) == (size, size):
@@ -131,25 +131,75 @@ class Preprocess:
         return x[..., top:top + size, left:left + size].clamp_(0.0, 1.0)
 
 
-def as_pixel_batch(pixels: torch.Tensor) -> torch.Tensor:
-    """Validate an image tensor and return it as (B,3,H,W) float32 in [0,1].
+INPUT_RANGES = {"0,1": (0.0, 1.0), "-1,1": (-1.0, 1.0), "0,255": (0.0, 255.0)}
+
+
+def parse_input_range(value) -> str:
+    """The canonical name (``"0,1"``, ``"-1,1"`` or ``"0,255"``) of an input range.
+
+    Accepts those strings (spaces ignored) or the pairs ``(0, 1)``, ``(-1, 1)``, ``(0, 255)``.
 
     Raises:
-        BadInputError: not 3 channels, not 3-D/4-D, or float values outside [0,1].
+        BadInputError: any other value.
     """
-    if not isinstance(pixels, torch.Tensor):
-        raise BadInputError(f"expected an image tensor, got {type(pixels).__name__}.")
-    x = pixels.unsqueeze(0) if pixels.dim() == 3 else pixels
+    if isinstance(value, (tuple, list)) and len(value) == 2:
+        value = ",".join(f"{float(v):g}" for v in value)
+    key = value.replace(" ", "") if isinstance(value, str) else None
+    if key not in INPUT_RANGES:
+        raise BadInputError(f"input_range must be one of {', '.join(map(repr, INPUT_RANGES))}; got {value!r}.")
+    return key
+
+
+def _as_tensor(pixels, name: str) -> torch.Tensor:
+    """A tensor view of a tensor or NumPy array; NumPy (H,W,3)/(B,H,W,3) become channel-first."""
+    if isinstance(pixels, torch.Tensor):
+        return pixels
+    if not isinstance(pixels, np.ndarray):
+        raise BadInputError(f"{name}: expected an image tensor or NumPy array, got {type(pixels).__name__}.")
+    if pixels.dtype != np.uint8 and pixels.dtype.kind != "f":
+        raise BadInputError(f"{name}: image arrays must be uint8 or float; got {pixels.dtype}.")
+    if not (pixels.flags.writeable and pixels.flags.c_contiguous):
+        pixels = np.array(pixels, order="C")  # a writable contiguous copy (PIL gives read-only arrays)
+    x = torch.from_numpy(pixels)
+    if x.dim() in (3, 4) and x.shape[-1] == 3 and x.shape[-3] != 3:
+        x = x.movedim(-1, -3)  # channel-last, as PIL/imageio/OpenCV give arrays
+    return x
+
+
+def as_pixel_batch(pixels, *, input_range: str = "0,1", check: bool = True, name: str = "pixels") -> torch.Tensor:
+    """Validate an image tensor or NumPy array and return it as a (B,3,H,W) float32 batch in [0,1].
+
+    Tensors are (3,H,W) or (B,3,H,W). NumPy arrays may also be channel-last, (H,W,3) or (B,H,W,3),
+    as image libraries give them: an array whose last axis has 3 entries (and whose channel-first
+    axis has not) is read as channel-last. uint8 values are always 0..255 and divided by 255;
+    float values lie in ``input_range`` (``"0,1"``, ``"-1,1"`` as LPIPS takes, or ``"0,255"``)
+    and are mapped linearly to [0,1]. ``check=False`` skips the value-range check (the one
+    step that reads the values, i.e. a device sync on a GPU); dtype and shape are always checked.
+
+    Raises:
+        BadInputError: not a tensor/array, not 3 channels, not 3-D/4-D, an unsupported dtype, or
+            (``check``) float values outside ``input_range``; the message starts with ``name``.
+    """
+    low, high = INPUT_RANGES[parse_input_range(input_range)]
+    source = pixels
+    x = _as_tensor(pixels, name)
+    x = x.unsqueeze(0) if x.dim() == 3 else x
     if x.dim() != 4 or x.shape[1] != 3:
-        raise BadInputError(f"image tensors must be (3,H,W) or (B,3,H,W); got shape {tuple(pixels.shape)}.")
+        raise BadInputError(f"{name}: image tensors must be (3,H,W) or (B,3,H,W) (arrays also (H,W,3) or "
+                            f"(B,H,W,3)); got shape {tuple(source.shape)}.")
     if x.dtype == torch.uint8:
         return x.to(torch.float32).div_(255.0)
     if not x.is_floating_point():
-        raise BadInputError(f"image tensors must be uint8 or float in [0,1]; got {x.dtype}.")
-    if x.numel():
-        lo, hi = float(x.min()), float(x.max())
-        if lo < -_RANGE_TOLERANCE or hi > 1 + _RANGE_TOLERANCE:
+        raise BadInputError(f"{name}: image tensors must be uint8 or float in [{low:g},{high:g}]; got {x.dtype}.")
+    if check and x.numel():
+        lo, hi = torch.stack(torch.aminmax(x.detach())).float().tolist()  # one reduction, one sync
+        tolerance = _RANGE_TOLERANCE * (high - low)
+        if not (lo >= low - tolerance and hi <= high + tolerance):  # also catches NaN
             raise BadInputError(
-                f"image tensor values must lie in [0,1]; got min {lo:.3g}, max {hi:.3g}.",
-                "Pass raw pixels divided by 255, not 0-255 values or mean/std-normalised inputs.")
-    return x.to(torch.float32)
+                f"{name}: image values must lie in [{low:g},{high:g}]; got min {lo:.3g}, max {hi:.3g}.",
+                "Pass raw pixels divided by 255 (or set input_range to \"0,255\" or \"-1,1\"), "
+                "not mean/std-normalised inputs.")
+    x = x.to(torch.float32)
+    if (low, high) != (0.0, 1.0):
+        x = (x - low) / (high - low)
+    return x

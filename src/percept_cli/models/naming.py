@@ -74,7 +74,20 @@ def parse_model_name(name: str, checkpoint: str | Path | None = None) -> ModelRe
         raise BadInputError(
             f"model '{text}' is a file, not a model directory.",
             "To load a visual-encoder checkpoint, pass its architecture with --model and the file with --checkpoint.")
+    if looks_like_path(text):
+        hub = f"For the Hub repository, write hf-hub:{text}. " if _REPO_ID.match(text) else ""
+        raise BadInputError(f"model directory '{text}': no such directory.",
+                            hub + "A model directory holds open_clip_config.json (or timm's config.json) and the "
+                            "weights; zoo names are listed by `percept models list`.")
     raise UnknownModelError(f"unknown model '{text}'.", suggest_models(text))
+
+
+def looks_like_path(text: str) -> bool:
+    """True for a name meant as a directory: it contains a path separator or starts with ``.`` or ``~``."""
+    import os
+
+    separators = {"/", os.sep} | ({os.altsep} if os.altsep else set())
+    return text.startswith((".", "~")) or any(sep in text for sep in separators)
 
 
 def _hub_ref(repo: str, name: str, spec: ModelSpec | None) -> ModelRef:

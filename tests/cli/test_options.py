@@ -1,0 +1,60 @@
+"""The shared attack options: an l_inf --eps above 1 needs --force on every command; large radii warn."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from percept_cli.cli.app import app
+
+runner = CliRunner()
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def _commands(images, tmp_path, model):
+    """Every command taking --eps/--robust/--sweep-eps, asked for an l_inf radius of 4 (meant: 4/255)."""
+    a, b, c = (images / f"{n}.png" for n in "abc")
+    common = ["--model", model, "--device", "cpu"]
+    return {
+        "attack 2afc": ["attack", "2afc", "--ref", a, "--left", b, "--right", c, "--eps", "4", *common],
+        "attack embed": ["attack", "embed", a, "--untargeted", "--eps", "4", *common],
+        "distance --robust": ["distance", a, b, "--robust", "4", *common],
+        "eval-2afc --eps": ["eval-2afc", "--dataset", "nights", "--root", tmp_path, "--attack", "linf", "--eps", "4",
+                            *common],
+        "eval-2afc --sweep-eps": ["eval-2afc", "--dataset", "nights", "--root", tmp_path, "--attack", "linf",
+                                  "--sweep-eps", "1/255,4", *common],
+    }
+
+
+@pytest.mark.parametrize("command", ["attack 2afc", "attack embed", "distance --robust", "eval-2afc --eps",
+                                     "eval-2afc --sweep-eps"])
+def test_linf_eps_above_one_refused_with_hint(image_dir, tmp_path, command):
+    # a model that does not exist: the refusal must come before any model work
+    result = run(*_commands(image_dir, tmp_path, tmp_path / "no-such-model")[command])
+    assert result.exit_code == 2, result.output
+    assert "did you mean 4/255?" in result.stderr and "--force" in result.stderr
+
+
+def test_force_runs_the_large_radius_and_warns(image_dir, tiny_vit):
+    result = run("attack", "embed", image_dir / "a.png", "--untargeted", "--eps", "4", "--force", "--iters", "1",
+                 "--model", tiny_vit[0], "--device", "cpu", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["threat"]["eps"] == 4.0
+    assert "warning" in result.stderr
+
+
+def test_eps_above_32_over_255_warns_on_stderr_before_any_work(tmp_path):
+    missing = tmp_path / "no-such-dataset"
+    for option in (["--eps", "40/255"], ["--sweep-eps", "4,40/255"]):
+        result = run("eval-2afc", "--dataset", "nights", "--root", missing, "--attack", "linf", *option,
+                     "--model", tmp_path / "no-such-model", "--device", "cpu")
+        assert result.exit_code == 2 and "no-such-dataset" in result.stderr  # stopped at the dataset ...
+        assert "warning" in result.stderr and "40/255" in result.stderr  # ... after warning about the radius
+    quiet = run("eval-2afc", "--dataset", "nights", "--root", missing, "--attack", "linf", "--eps", "32/255",
+                "--model", tmp_path / "no-such-model", "--device", "cpu")
+    assert quiet.exit_code == 2 and "warning" not in quiet.stderr
