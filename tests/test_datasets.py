@@ -185,7 +185,7 @@ def test_things_hebart_triplet_file(tmp_path):
 
 @pytest.mark.parametrize("damage, message", [
     (lambda r: (r / "image_paths.txt").write_text("a.jpg\n" * 1853), r"expected 1854 image paths.*found 1853"),
-    (lambda r: (r / "image_paths.txt").unlink(), "pass --image-list"),
+    (lambda r: (r / "image_paths.txt").unlink(), "need the list of the 1854 image paths"),
     (lambda r: (r / "triplets.txt").write_text("1\t2\t1855\t1\n"), r"line 1: image index 1855 is outside 1..1854"),
     (lambda r: (r / "triplets.txt").write_text("image1\timage2\timage3\tchoice\n1\t2\t3\t4\n"),
      "line 2: choice 4 is not a position 1, 2 or 3"),
@@ -202,7 +202,7 @@ def test_things_hebart_errors_name_file_and_line(tmp_path, damage, message):
 
 def test_things_image_list_option(tmp_path):
     root = sd.make_things_hebart(tmp_path / "t", [(1, 2, 3, 2)], list_name="things_images.txt")
-    with pytest.raises(BadInputError, match="pass --image-list"):
+    with pytest.raises(BadInputError, match="need the list of the 1854 image paths"):
         load_dataset("things", root)
     index = load_dataset("things", root, image_list=root / "things_images.txt")
     assert [p.split("/")[-1] for p in index.items[0].images] == ["img0001.jpg", "img0003.jpg", "img0002.jpg"]

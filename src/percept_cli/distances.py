@@ -105,7 +105,7 @@ def plan_job(inputs: Sequence[str], pairs_csv: str | None = None, recursive: boo
     """
     if pairs_csv:
         if inputs:
-            raise BadInputError("give either image paths or --pairs CSV, not both.")
+            raise BadInputError("give either image paths or a pairs CSV, not both.")
         origin: dict[str, str] = {}
         return DistanceJob("pairs", pairs=read_pairs_csv(pairs_csv, origin), origin=origin)
     if not inputs:
@@ -272,7 +272,7 @@ def run_job(metric, job: DistanceJob, *, skip_bad: bool = False, skipped: Sequen
 def check_robust_mode(mode: str) -> None:
     """Raise BadInputError for modes where an attack per pair is not offered (matrix)."""
     if mode == "matrix":
-        raise BadInputError("--robust is not available for a distance matrix; use --pairs or REF CANDIDATES.")
+        raise BadInputError("a robust interval is not available for a distance matrix; give pairs, or a reference and candidates.")
 
 
 def robust_intervals(metric, result: DistanceResult, settings, *, batch_size: int = 32,

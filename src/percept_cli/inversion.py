@@ -46,11 +46,11 @@ class InversionSettings:
         if self.iters is None:
             self.iters = 500 if self.method == "apgd" else 1000
         if self.iters < 1:
-            raise BadInputError(f"--iters must be at least 1; got {self.iters}.")
+            raise BadInputError(f"iters must be at least 1; got {self.iters}.")
         if self.radius <= 0 or self.step_size <= 0 or self.lr <= 0:
-            raise BadInputError("--radius, --step-size and the learning rate must be positive.")
+            raise BadInputError("radius, step_size and lr must be positive.")
         if self.size is not None and self.size < 8:
-            raise BadInputError(f"--size must be at least 8 pixels; got {self.size}.")
+            raise BadInputError(f"size must be at least 8 pixels; got {self.size}.")
 
 
 @dataclass

@@ -160,7 +160,7 @@ def test_two_process_gloo_run_equals_single_process(nights, full_run, model_args
     (lambda p: sd.make_bapps(p / "b", subsets=("cnn",), n=2), ["--dataset", "bapps", "--protocol", "lpips"],
      "unknown --protocol"),
     (lambda p: sd.make_things_hebart(p / "t", [(1, 2, 3, 1)], list_name="list.txt"), ["--dataset", "things"],
-     "pass --image-list"),
+     "Pass it with --image-list FILE"),
 ])
 def test_bad_datasets_exit_2_before_model_work(empty_offline_hub, tmp_path, make, args, message):
     root = make(tmp_path)

@@ -95,7 +95,7 @@ def load_dataset(name: str, root: str | Path, split: str | None = None, subsets:
         raise BadInputError(f"unknown dataset '{name}'; use one of {', '.join(DATASETS)}.")
     root = Path(root)
     if not root.exists():
-        raise BadInputError(f"--root {root} does not exist.")
+        raise BadInputError(f"dataset root {root} does not exist.")
     if key == "nights":
         return _nights(root, split or "test")
     if key == "bapps":
@@ -110,7 +110,7 @@ def subsample(index: DatasetIndex, n: int | None, seed: int) -> DatasetIndex:
     if not n:
         return index
     if n < 0:
-        raise BadInputError(f"--n must be positive; got {n}.")
+        raise BadInputError(f"n must be positive; got {n}.")
     per_group = index.name == "bapps"
     pools = [[i for i, item in enumerate(index.items) if item.group == g] for g in index.groups] if per_group \
         else [list(range(len(index.items)))]
@@ -127,7 +127,7 @@ def first_per_group(index: DatasetIndex, n: int) -> frozenset[str]:
     row order of data.csv (NIGHTS) or of the CSV (custom), the line order of a THINGS file.
     """
     if n < 1:
-        raise BadInputError(f"--first must be positive; got {n}.")
+        raise BadInputError(f"first must be positive; got {n}.")
     per_group = index.name == "bapps"
     taken: dict[str, int] = {}
     chosen = []
@@ -264,7 +264,7 @@ def _judge(path: Path) -> float:
 def _things(root: Path, triplets_file: str | Path | None, image_list: str | Path | None) -> DatasetIndex:
     table = Path(triplets_file) if triplets_file else root / "triplets.txt"
     if not table.is_file():
-        raise BadInputError(f"THINGS triplet file {table} not found (pass --triplets FILE).")
+        raise BadInputError(f"THINGS triplet file {table} not found.", option_hints={"--triplets": "Pass --triplets FILE."})
     try:
         lines = table.read_text(encoding="utf-8-sig").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
@@ -337,8 +337,9 @@ def _things_hebart(root: Path, table: Path, rows, image_list: str | Path | None)
 def _things_image_list(root: Path, table: Path, image_list: str | Path | None) -> tuple[Path, list[str]]:
     path = Path(image_list) if image_list else root / THINGS_IMAGE_LIST
     if not path.is_file():
-        raise BadInputError(f"{table} uses image indices (Hebart et al.'s format): pass --image-list FILE, the "
-                            f"{THINGS_IMAGES} image paths (relative to --root) one per line; {path} not found.")
+        raise BadInputError(f"{table} uses image indices (Hebart et al.'s format), which need the list of the "
+                            f"{THINGS_IMAGES} image paths (relative to the dataset root, one per line); {path} not "
+                            "found.", option_hints={"--image-list": "Pass it with --image-list FILE."})
     try:
         entries = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines()]
     except (OSError, UnicodeDecodeError) as exc:

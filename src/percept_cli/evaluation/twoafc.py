@@ -62,7 +62,7 @@ def input_preprocess(metric, index: DatasetIndex, protocol: str = "paper") -> Op
         BadInputError: an unknown protocol.
     """
     if protocol not in PROTOCOLS:
-        raise BadInputError(f"unknown --protocol '{protocol}'; use {' or '.join(PROTOCOLS)}.")
+        raise BadInputError(f"unknown protocol '{protocol}'; use {' or '.join(PROTOCOLS)}.")
     if protocol == "paper" and index.name == "bapps":
         return Preprocess(metric.image_size, crop=False, interpolation="bilinear")
     return None

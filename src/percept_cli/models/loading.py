@@ -206,8 +206,9 @@ def _check_quick_gelu(visual: nn.Module, ref: ModelRef, where: str) -> None:
     raise ModelFormatError(
         f"{where} builds the vision tower of '{spec.name}' with {found}, but {spec.backbone} models derived "
         "from OpenAI's CLIP need QuickGELU; its weights would give wrong embeddings.",
-        f'Add "quick_gelu": true to "model_cfg" in its open_clip_config.json, or load the weights with '
-        f"--model {spec.arch} --checkpoint FILE.")
+        f'Add "quick_gelu": true to "model_cfg" in its open_clip_config.json, or load the weights into the '
+        f"'{spec.arch}' architecture as a checkpoint.",
+        option_hints={"--checkpoint": f"Or pass --model {spec.arch} --checkpoint FILE."})
 
 
 def resolve_files(ref: ModelRef, local_only: bool = False, refresh: bool = False) -> hub.ModelFiles:
