@@ -8,6 +8,7 @@ import torch
 
 from percept_cli.attacks import apgd, checkpoints
 from percept_cli.attacks.apgd import _checkpoint, _State, halve_step
+from percept_cli.attacks.core import Tracker
 
 EPS = 0.1
 
@@ -61,7 +62,7 @@ def test_condition_2_cannot_fire_at_the_first_checkpoint():
     # the loss without beating the start; auto-attack starts with reduced_last_check = True.
     loss = torch.tensor([1.0])
     x = torch.full((1, 1, 1, 2), 0.5)
-    state = _State(x, torch.arange(1), x.clone(), loss, None, torch.ones_like(x), EPS, None)
+    state = _State(x, x.clone(), loss, torch.ones_like(x), Tracker(None, torch.arange(1), x, loss, None), EPS)
     state.count = torch.tensor([20.0])
     _checkpoint(state, 22)
     assert float(state.step) == pytest.approx(2 * EPS)  # not halved

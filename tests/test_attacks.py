@@ -8,7 +8,7 @@ a gradient-free attack, and a model whose gradients are masked.
 
 from __future__ import annotations
 
-import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -19,7 +19,7 @@ from percept_cli import load_metric
 from percept_cli.attacks import (AttackSettings, TwoAFCObjective, UntargetedEmbeddingObjective, apgd, attack_2afc,
                                  attack_embedding, lp_norm, pgd, square)
 from percept_cli.attacks.core import evaluate
-from percept_cli.attacks.tasks import attack_2afc_embedded
+from percept_cli.attacks.tasks import attack_2afc_embedded, rounded_2afc, rounded_embedding
 from percept_cli.attacks.threat import random_start
 from percept_cli.models.encoder import PixelEncoder
 from percept_cli.metric import PerceptualMetric
@@ -81,11 +81,17 @@ def test_robust_accuracy_does_not_grow_with_iterations(metric, triplets):
     assert accs[0] > accs[-1]
 
 
-def test_more_restarts_never_help_the_model(metric, triplets):
-    one = robust(metric, triplets, norm="l2", eps=0.05, iters=10, restarts=1, seed=3)
-    three = robust(metric, triplets, norm="l2", eps=0.05, iters=10, restarts=3, seed=3)
-    assert bool((three <= one).all())  # every point broken with one restart stays broken
-    assert int(three.sum()) <= int(one.sum())
+def test_a_later_restart_breaks_a_point_the_first_missed(metric, triplets):
+    # On the smooth tiny model every start leads APGD to the same margin (within ~0.5%), so restarts
+    # hardly ever matter there; behind a rounding layer the gradient is zero and each run stays at its
+    # random start, so each restart is a fresh random draw in the ball: more restarts, more breaks.
+    masked = _masked(metric)
+    ref, left, right = (t[:12] for t in triplets)
+    s = dict(norm="linf", eps=16 / 255, iters=1, seed=1)
+    one = attack_2afc(masked, ref, left, right, None, AttackSettings(restarts=1, **s)).robust_correct
+    four = attack_2afc(masked, ref, left, right, None, AttackSettings(restarts=4, **s)).robust_correct
+    assert bool((one & ~four).any())  # some point survives the first run and falls to a later one
+    assert bool((four <= one).all())  # every point broken with one restart stays broken
 
 
 @pytest.mark.parametrize("norm, eps", [("l2", 0.1), ("linf", 0.1 / 255)])
@@ -152,12 +158,57 @@ def test_same_seed_same_result_and_seeds_matter(metric, triplets):
 
 
 def test_early_stopping_spends_less_and_agrees(metric, triplets):
+    # APGD's state (step size, checkpoints, best point) is per example, so an example's trajectory does
+    # not depend on which others are still in the batch: early stopping only stops the broken ones,
+    # which stay broken (a success is final). Both runs must therefore break the same triplets, and
+    # the triplets that held must end at the same points.
     ref, left, right = triplets
     settings = AttackSettings(norm="l2", eps=0.2, iters=20)
     fast = attack_2afc(metric, ref, left, right, None, settings, early_stop=True)
     full = attack_2afc(metric, ref, left, right, None, settings, early_stop=False)
     assert fast.evaluations < full.evaluations == len(ref) * (settings.iters + 1)
-    assert int(fast.robust_correct.sum()) < len(ref)  # something was broken, so something left early
+    assert 0 < int(fast.robust_correct.sum()) < len(ref)  # something was broken, so something left early
+    assert torch.equal(fast.robust_correct, full.robust_correct)
+    held = fast.robust_correct
+    torch.testing.assert_close(fast.x_adv[held], full.x_adv[held])
+
+
+def test_per_example_seeds_do_not_depend_on_the_batch(metric, triplets):
+    ref, left, right = (t[:6] for t in triplets)
+    with torch.no_grad():
+        e_left, e_right = metric.embed_pixels(left), metric.embed_pixels(right)
+    label = torch.tensor([0, 1, 0, 1, 1, 0])  # for the random starts only
+    objective = TwoAFCObjective(metric.encoder, e_left, e_right, label)
+    ids = torch.tensor([40, 41, 42, 43, 44, 45])
+    perm = torch.tensor([3, 0, 5, 1, 4, 2])
+
+    def starts(order, example_ids, x=ref):  # 0 iterations: the result is the random start itself
+        return apgd(_Permuted(objective, order), x[order], 0.5, "l2", 0, seed=5, example_ids=example_ids).x_adv
+
+    everyone = torch.arange(6)
+    torch.testing.assert_close(starts(perm, ids[perm]), starts(everyone, ids)[perm], atol=0, rtol=0)
+    same_image = ref[:1].expand(2, -1, -1, -1)
+    two = apgd(objective, same_image, 0.5, "l2", 0, seed=5, example_ids=torch.tensor([7, 8])).x_adv
+    assert not torch.equal(two[0], two[1])  # different ids, different starts, for the same image
+    settings = AttackSettings(norm="l2", eps=0.2, iters=5, seed=5)
+    whole = attack_2afc_embedded(metric, ref, e_left, e_right, None, settings, example_ids=ids)
+    shuffled = attack_2afc_embedded(metric, ref[perm], e_left[perm], e_right[perm], None, settings,
+                                    example_ids=ids[perm])
+    assert 0 < int(whole.robust_correct.sum()) < len(ref)  # outcomes differ between triplets
+    assert torch.equal(shuffled.robust_correct, whole.robust_correct[perm])
+    torch.testing.assert_close(shuffled.x_adv, whole.x_adv[perm])
+
+
+class _Permuted:
+    """``objective`` on a reordered batch: local example i is the objective's example ``order[i]``."""
+
+    has_success = True
+
+    def __init__(self, objective, order):
+        self.objective, self.order = objective, order
+
+    def __call__(self, x, index):
+        return self.objective(x, self.order[index])
 
 
 def test_autocast_attack_verdict_is_checked_in_fp32(metric, triplets):
@@ -166,9 +217,10 @@ def test_autocast_attack_verdict_is_checked_in_fp32(metric, triplets):
                          AttackSettings(norm="l2", eps=0.2, iters=10, autocast_dtype=torch.bfloat16))
     with torch.no_grad():
         e = metric.embed_pixels(report.x_adv)
-        sims = torch.stack(((e * metric.embed_pixels(left[:8])).sum(-1), (e * metric.embed_pixels(right[:8])).sum(-1)), 1)
+        e_left, e_right = metric.embed_pixels(left[:8]), metric.embed_pixels(right[:8])
+        sims = torch.stack(((e * e_left).sum(-1), (e * e_right).sum(-1)), 1)
     torch.testing.assert_close(report.adv_similarity, sims)
-    correct = torch.where(report.label == 0, sims[:, 0] > sims[:, 1], sims[:, 1] > sims[:, 0])
+    correct = torch.where(report.label == 0, sims[:, 0] >= sims[:, 1], sims[:, 1] > sims[:, 0])  # a tie picks left
     assert torch.equal(report.robust_correct, correct & report.clean_correct)
 
 
@@ -192,11 +244,16 @@ class _Quantize(nn.Module):
         return torch.round(x * 4) / 4
 
 
-def test_square_attack_exposes_gradient_masking(metric, triplets):
+def _masked(metric) -> PerceptualMetric:
+    """The tiny model behind a rounding layer: zero gradients almost everywhere (gradient masking)."""
     enc = metric.encoder
     masked = PixelEncoder(nn.Sequential(_Quantize(), enc.backbone), enc.mean.flatten().tolist(),
                           enc.std.flatten().tolist(), enc.image_size).eval()
-    masked_metric = PerceptualMetric(masked, metric.source)
+    return PerceptualMetric(masked, metric.source)
+
+
+def test_square_attack_exposes_gradient_masking(metric, triplets):
+    masked_metric = _masked(metric)
     ref, left, right = triplets
     settings = AttackSettings(norm="linf", eps=16 / 255, iters=20, square_queries=300)
     report = attack_2afc(masked_metric, ref, left, right, None, settings)
@@ -272,9 +329,9 @@ def test_points_broken_only_in_bf16_count_as_robust_and_are_reported():
     metric = _stub_metric(_RoundedDirection(), 4)
     unit = lambda a, b: nn.functional.normalize(torch.tensor([a, b]), dim=0)  # noqa: E731
     # triplet 0: left at 45° + 2.9e-3 rad, right at 45° - 0.7e-3: fp32 (45° + 1.5e-3) picks left,
-    #            bf16 (45°) picks right -> the bf16 attack "breaks" it, fp32 does not
-    # triplet 1: left at the fp32 direction, right at 90°: both pick left (robust either way)
-    # triplet 2: as triplet 1 with label right: wrong before any attack (broken either way)
+    #            bf16 (45°) picks right -> the bf16 attack claims it broken, fp32 rejects every claim
+    # triplet 1: left at the fp32 direction, right at 90°: both pick left (robust either way, never claimed)
+    # triplet 2: as triplet 1 with label right: wrong before any attack (claimed at once, and confirmed)
     e_left = torch.stack([unit(1.0, 1 + 2 * _EPS_DIR), unit(1.0, 1 + _EPS_DIR), unit(1.0, 1 + _EPS_DIR)])
     e_right = torch.stack([unit(1.0, 1 - _EPS_DIR / 2), unit(0.0, 1.0), unit(0.0, 1.0)])
     label = torch.tensor([0, 0, 1])
@@ -282,11 +339,14 @@ def test_points_broken_only_in_bf16_count_as_robust_and_are_reported():
     objective = TwoAFCObjective(metric.encoder, e_left, e_right, label)
     assert evaluate(objective, ref, autocast_dtype=torch.bfloat16)[1].tolist() == [True, False, True]
     assert evaluate(objective, ref)[1].tolist() == [False, False, True]  # the scenario is real
-    for dtype, low_only in ((torch.bfloat16, [True, False, False]), (None, [False, False, False])):
-        settings = AttackSettings(norm="linf", eps=1 / 255, iters=3, autocast_dtype=dtype, square_queries=20)
-        report = attack_2afc_embedded(metric, ref, e_left, e_right, label, settings)
-        assert report.robust_correct.tolist() == [True, True, False]  # the fp32 verdict
-        assert report.broken_low_precision_only.tolist() == low_only
+    settings = AttackSettings(norm="linf", eps=1 / 255, iters=3, autocast_dtype="bf16", square_queries=20)
+    report = attack_2afc_embedded(metric, ref, e_left, e_right, label, settings)
+    assert report.robust_correct.tolist() == [True, True, False]  # the fp32 verdict
+    assert report.fp32_checked.tolist() == [True, False, True]
+    assert report.fp32_rejected.tolist() == [True, False, False]
+    fp32 = attack_2afc_embedded(metric, ref, e_left, e_right, label, replace(settings, autocast_dtype=None))
+    assert fp32.robust_correct.tolist() == [True, True, False]
+    assert fp32.fp32_checked is None and fp32.fp32_rejected is None
 
 
 class _NegatedUnderAutocast(nn.Module):
@@ -297,23 +357,86 @@ class _NegatedUnderAutocast(nn.Module):
         return -feats if torch.is_autocast_enabled(x.device.type) else feats
 
 
-@pytest.mark.parametrize("dtype, expected", [("bf16", 1), ("fp32", 0)])
-def test_attack_2afc_json_counts_low_precision_only_breaks(image_dir, monkeypatch, dtype, expected):
-    from typer.testing import CliRunner
-
-    from percept_cli.cli.app import app
-
+def test_rejected_low_precision_claims_keep_the_attack_going():
     metric = _stub_metric(_NegatedUnderAutocast(), 8)
-    monkeypatch.setattr("percept_cli.metric.load_metric", lambda *a, **k: metric)
-    args = ["attack", "2afc", "--ref", image_dir / "a.png", "--left", image_dir / "b.png", "--right",
-            image_dir / "c.png", "--eps", "0.0001", "--iters", "2", "--dtype", dtype, "--device", "cpu"]
-    result = CliRunner().invoke(app, [str(a) for a in args + ["--json"]])
-    assert result.exit_code == 0, result.output
-    doc = json.loads(result.stdout)
-    assert doc["robust_correct"] is True and doc["flipped"] is False  # fp32: the tiny ball changes nothing
-    assert doc["broken_low_precision_only"] == expected
-    text = CliRunner().invoke(app, [str(a) for a in args]).output
-    assert ("fp32 re-check did not" in text) == bool(expected)
+    x = torch.rand(3, 3, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    settings = AttackSettings(norm="linf", eps=1e-4, iters=4, autocast_dtype="bf16")
+    report = attack_2afc(metric, *x, None, settings, early_stop=True)
+    assert report.robust_correct.tolist() == [True] * 3  # fp32: the tiny ball changes no decision
+    assert report.fp32_checked.tolist() == [True] * 3 and report.fp32_rejected.tolist() == [True] * 3
+    # early stopping dropped nobody: 3 x (1 + 4) attack passes, plus one fp32 confirmation per claim
+    assert report.evaluations == 2 * 3 * (settings.iters + 1)
+
+
+class _ClaimsUnderAutocast:
+    """Loss = mean pixel. The success flag is ``fp32_says`` in fp32 and True under autocast (for the
+    first ``claims_for`` autocast calls, or always), so with ``fp32_says=False`` every low-precision
+    claim is one that fp32 rejects. Records every call as (under autocast, batch size)."""
+
+    has_success = True
+
+    def __init__(self, fp32_says: bool, claims_for: int | None = None):
+        self.fp32_says, self.claims_for, self.calls = fp32_says, claims_for, []
+
+    def __call__(self, x, index):
+        low = torch.is_autocast_enabled(x.device.type)
+        self.calls.append((low, len(index)))
+        claims = low and (self.claims_for is None or sum(c[0] for c in self.calls) <= self.claims_for)
+        return x.flatten(1).mean(1).float(), torch.full((len(x),), claims or self.fp32_says)
+
+
+def _run(attack, objective, x, n, dtype):
+    if attack == "apgd":
+        return apgd(objective, x, 0.1, "linf", n, early_stop=True, autocast_dtype=dtype)
+    if attack == "pgd":
+        return pgd(objective, x, 0.1, "linf", n, autocast_dtype=dtype)
+    return square(objective, x, 0.1, "linf", n, early_stop=True, autocast_dtype=dtype)
+
+
+@pytest.mark.parametrize("attack", ["apgd", "pgd", "square"])
+def test_a_success_claimed_under_autocast_counts_only_if_fp32_confirms_it(attack):
+    x = torch.rand(4, 3, 6, 6, generator=torch.Generator().manual_seed(0)) * 0.5 + 0.25
+    n = 5
+    rejected = _ClaimsUnderAutocast(fp32_says=False)
+    result = _run(attack, rejected, x, n, torch.bfloat16)
+    assert result.broken.tolist() == [False] * 4
+    assert result.fp32_checked.tolist() == [True] * 4 and result.fp32_rejected.tolist() == [True] * 4
+    # the attack went on with every example (no early stop), each claim checked by one fp32 forward
+    assert rejected.calls == [(True, 4), (False, 4)] * (n + 1)
+    confirmed = _ClaimsUnderAutocast(fp32_says=True)
+    result = _run(attack, confirmed, x, n, torch.bfloat16)
+    assert result.broken.tolist() == [True] * 4
+    assert result.fp32_checked.tolist() == [True] * 4 and result.fp32_rejected.tolist() == [False] * 4
+    if attack != "pgd":  # confirmed at the start: early stopping ends the attack there
+        assert confirmed.calls == [(True, 4), (False, 4)]
+    in_fp32 = _run(attack, _ClaimsUnderAutocast(fp32_says=False), x, n, None)
+    assert in_fp32.broken.tolist() == [False] * 4
+    assert in_fp32.fp32_checked is None and in_fp32.fp32_rejected is None
+
+
+def test_restarts_combine_the_fp32_flags():
+    x = torch.rand(4, 3, 6, 6, generator=torch.Generator().manual_seed(0))
+    objective = _ClaimsUnderAutocast(fp32_says=False, claims_for=3)  # claims in the first run only
+    result = apgd(objective, x, 0.1, "linf", 2, restarts=3, autocast_dtype=torch.bfloat16)
+    assert sum(1 for low, _ in objective.calls if low) == 3 * 3  # 3 runs x (start + 2 iterations), all 4 unbroken
+    assert sum(1 for low, _ in objective.calls if not low) == 3  # fp32 confirmations: the first run's claims
+    assert result.broken.tolist() == [False] * 4
+    assert result.fp32_checked.tolist() == [True] * 4 and result.fp32_rejected.tolist() == [True] * 4
+
+
+def test_bf16_attack_is_not_weaker_than_fp32(metric, triplets):
+    # bf16 gradients differ from fp32 ones, so the two attacks follow different paths and may end
+    # one example apart either way. Before the fp32 confirmation, early stopping on bf16 claims left
+    # examples unbroken that the fp32 attack breaks: 20 vs 16 robust at eps 0.2, 12 vs 8 at 0.3.
+    ref, left, right = triplets
+    for eps in (0.2, 0.3):
+        low = attack_2afc(metric, ref, left, right, None, AttackSettings(norm="l2", eps=eps, iters=10,
+                                                                         autocast_dtype="bf16"))
+        full = attack_2afc(metric, ref, left, right, None, AttackSettings(norm="l2", eps=eps, iters=10))
+        assert int(low.robust_correct.sum()) <= int(full.robust_correct.sum()) + 1, eps
+        assert low.fp32_checked is not None and low.fp32_rejected is not None
+        assert bool(low.fp32_checked.any())  # the claims were checked
+        assert full.fp32_checked is None and full.fp32_rejected is None
 
 
 def _linear_metric(size=8):
@@ -353,3 +476,47 @@ def test_attack_2afc_takes_uint8_and_numpy_like_float_pixels():
     as_uint8 = attack_2afc(metric, x, x.flip(0), x.roll(1, 0).numpy(), None, settings)
     torch.testing.assert_close(as_uint8.x_adv, as_float.x_adv, atol=0, rtol=0)
     torch.testing.assert_close(as_uint8.clean_similarity, as_float.clean_similarity, atol=0, rtol=0)
+
+
+# -- the saved (8-bit) adversarial images and the fp32 verdict on them ----------------------------------
+def _on_grid_in_ball(rounded, x, eps, norm):
+    q = rounded.pixels
+    assert torch.equal(q * 255, torch.round(q * 255))  # multiples of 1/255
+    assert float(q.min()) >= 0 and float(q.max()) <= 1
+    assert bool(rounded.in_ball.all()) and bool((lp_norm(q - x, norm) <= eps + 1e-6).all())
+
+
+@pytest.mark.parametrize("norm, eps", [("linf", 1 / 255), ("l2", 0.3)])
+def test_rounded_2afc_is_judged_in_fp32_on_the_rounded_pixels(metric, triplets, norm, eps):
+    ref, left, right = (t[:8] for t in triplets)
+    ref = torch.round(ref * 255) / 255  # on the 8-bit grid, as a loaded PNG: the ball holds grid points
+    with torch.no_grad():
+        e_left, e_right = metric.embed_pixels(left), metric.embed_pixels(right)
+    settings = AttackSettings(norm=norm, eps=eps, iters=10)
+    report = attack_2afc_embedded(metric, ref, e_left, e_right, None, settings, early_stop=False)
+    rounded = rounded_2afc(metric, report, ref, e_left, e_right, settings)
+    _on_grid_in_ball(rounded, ref, eps, norm)
+    with torch.no_grad():  # independent fp32 recomputation on the rounded pixels
+        e = metric.embed_pixels(rounded.pixels)
+    sims = torch.stack(((e * e_left).sum(-1), (e * e_right).sum(-1)), 1)
+    torch.testing.assert_close(rounded.similarity, sims)
+    wrong = torch.where(report.label == 0, sims[:, 1] > sims[:, 0], sims[:, 0] >= sims[:, 1])  # a tie picks left
+    assert torch.equal(rounded.broken, wrong)
+    assert bool(rounded.broken.any())
+    if norm == "l2":  # rounding shrinks l2 perturbations into the ball: some decisions come back
+        assert not bool(rounded.broken.all()) and bool((~report.robust_correct & ~rounded.broken).any())
+
+
+@pytest.mark.parametrize("targeted", [False, True])
+def test_rounded_embedding_distance_is_recomputed_on_the_rounded_pixels(metric, triplets, targeted):
+    x, targets = triplets[0][:4], (triplets[2][:2] if targeted else None)
+    settings = AttackSettings(norm="linf", eps=2 / 255, iters=5)
+    report = attack_embedding(metric, x, targets, settings)
+    rounded = rounded_embedding(metric, report, x, settings)
+    _on_grid_in_ball(rounded, x, settings.eps, settings.norm)
+    with torch.no_grad():
+        e = metric.embed_pixels(rounded.pixels)
+        reference = metric.embed_pixels(targets if targeted else x)
+    expected = (1 - e @ reference.T).mean(-1) if targeted else 1 - (e * reference).sum(-1)
+    torch.testing.assert_close(rounded.distance, expected, atol=1e-5, rtol=1e-4)
+    assert not torch.equal(rounded.pixels, report.x_adv)  # rounding did move the images

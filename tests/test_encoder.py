@@ -52,3 +52,16 @@ def test_compute_dtype_keeps_float32_constants_and_output():
     assert enc.mean.dtype == torch.float32
     out = enc(torch.rand(1, 3, 8, 8))
     assert out.dtype == torch.float32
+
+
+def test_module_to_dtype_casts_like_set_compute_dtype_and_keeps_exact_constants():
+    x = torch.rand(2, 3, 8, 8)
+    cast = _encoder().to(torch.bfloat16)
+    assert cast.compute_dtype == torch.bfloat16 and cast.mean.dtype == cast.std.dtype == torch.float32
+    # the config's numbers, not a bf16 round trip of them (0.4 would become 0.400390625)
+    assert cast.mean.flatten().tolist() == torch.tensor([0.5, 0.4, 0.3]).tolist()
+    assert cast.std.flatten().tolist() == torch.tensor([0.2, 0.25, 0.3]).tolist()
+    torch.testing.assert_close(cast(x), _encoder().set_compute_dtype(torch.bfloat16)(x), atol=0, rtol=0)
+    double = _encoder().double()
+    assert double.compute_dtype == torch.float64 and double.mean.dtype == torch.float32
+    torch.testing.assert_close(double(x), _encoder()(x), atol=1e-6, rtol=0)

@@ -4,6 +4,7 @@ BAPPS protocol (binarised accuracy, bilinear upsampling), batch-independent rand
 from __future__ import annotations
 
 import csv
+from dataclasses import replace
 
 import pytest
 import synthetic_datasets as sd
@@ -125,28 +126,44 @@ def write_custom(root, rows):
     return root / "triplets.csv"
 
 
-def test_identical_candidates_are_a_tie_that_counts_as_wrong(metric, tmp_path):
-    # row 1: both candidates are the same file, an exact tie; row 2: the left candidate is the reference itself
-    index = load_dataset("custom", write_custom(tmp_path / "c", [(1, 2, 2, "right"), (3, 3, 4, "left")]))
-    plan = EvalPlan([0.1], AttackSettings(norm="l2", iters=2), batch_size=4)
+def test_identical_candidates_are_a_tie_that_picks_the_left_one(metric, tmp_path):
+    # rows 1 and 3: both candidates are the same file, an exact tie (label right, then left);
+    # row 2: the left candidate is the reference itself. A tie picks the left candidate (the authors' rule).
+    rows = [(1, 2, 2, "right"), (3, 3, 4, "left"), (5, 6, 6, "left")]
+    index = load_dataset("custom", write_custom(tmp_path / "c", rows))
+    records = evaluate_model(metric, index, EvalPlan([], None), {}, Dist())
+    tie_right, sure, tie_left = records["1"], records["2"], records["3"]
+    assert tie_right["d_left"] == tie_right["d_right"] and tie_left["d_left"] == tie_left["d_right"]
+    assert tie_right["clean_correct"] is False and tie_right["clean_score"] == 0.5
+    assert tie_left["clean_correct"] is True and tie_left["clean_score"] == 0.5  # the score still halves a tie
+    assert sure["clean_correct"] is True and sure["clean_score"] == 1.0
+    summary = summarize(index, records, [])["overall"]
+    assert summary["clean"] == pytest.approx(2 / 3) and summary["clean_score"] == pytest.approx(2 / 3)
+
+
+def test_a_tie_cannot_be_broken_and_a_wrong_tie_is_never_attacked(metric, tmp_path):
+    # identical candidates stay tied whatever the reference becomes: left wins a tie at every radius
+    rows = [(1, 2, 2, "right"), (5, 6, 6, "left")]
+    index = load_dataset("custom", write_custom(tmp_path / "c", rows))
+    plan = EvalPlan([0.1, 50.0], AttackSettings(norm="l2", iters=2), batch_size=4)
     records = evaluate_model(metric, index, plan, {}, Dist())
-    tie, sure = records["1"], records["2"]
-    assert tie["d_left"] == tie["d_right"]
-    assert tie["clean_correct"] is False and tie["clean_score"] == 0.5 and tie["robust_correct"] == [False]
-    assert sure["clean_correct"] is True and sure["clean_score"] == 1.0 and sure["attacked"]
-    summary = summarize(index, records, plan.radii)["overall"]
-    assert summary["clean"] == 0.5 and summary["clean_score"] == 0.75  # (0 + 1) / 2 and (0.5 + 1) / 2
+    assert records["1"]["clean_correct"] is False and records["1"]["robust_correct"] == [False, False]
+    assert records["2"]["clean_correct"] is True and records["2"]["robust_correct"] == [True, True]
+    assert records["2"]["margin"] == [0.0, 0.0]
 
 
-def test_attack_on_identical_candidates_is_never_clean_correct(metric, tmp_path):
+def test_attack_on_identical_candidates_follows_the_tie_rule(metric, tmp_path):
     from percept_cli.attacks.tasks import attack_2afc
 
     make = __import__("conftest").make_picture
     x = metric.pixels([make(5, (48, 48)), make(6, (48, 48))])
-    for label in (torch.tensor([0]), torch.tensor([1]), None):  # None: attack the model's own decision
-        report = attack_2afc(metric, x[:1], x[1:], x[1:], label, AttackSettings(norm="l2", eps=0.05, iters=2))
-        assert not bool(report.clean_correct[0]) and not bool(report.robust_correct[0])
-    assert int(report.label[0]) == 0  # a tie is decided "left", as the authors' pred = (sim_right > sim_left)
+    settings = AttackSettings(norm="l2", eps=0.05, iters=2)
+    right = attack_2afc(metric, x[:1], x[1:], x[1:], torch.tensor([1]), settings)
+    assert not bool(right.clean_correct[0]) and not bool(right.robust_correct[0])  # a tie never picks right
+    for label in (torch.tensor([0]), None):  # None: attack the model's own decision, which a tie makes "left"
+        left = attack_2afc(metric, x[:1], x[1:], x[1:], label, settings)
+        assert int(left.label[0]) == 0  # as the authors' pred = (sim_right > sim_left)
+        assert bool(left.clean_correct[0]) and bool(left.robust_correct[0])  # no perturbation can untie them
 
 
 class _ClampMetric:
@@ -261,26 +278,79 @@ def test_random_starts_depend_on_the_triplet_not_on_the_batch(metric, tmp_path):
         assert large[key]["margin"][0] == pytest.approx(margins[key], abs=1e-6)
 
 
-def test_low_precision_only_breaks_are_recorded(metric, tmp_path, monkeypatch):
+TIE_ROWS = [(30, 30, 31, "left"), (32, 33, 32, "right"), (34, 34, 35, "left"), (30, 30, 31, "right")]
+
+
+def test_fp32_confirmations_are_recorded_per_radius(metric, tmp_path, monkeypatch):
     from percept_cli.evaluation import twoafc
 
     real = twoafc.attack_2afc_embedded
 
-    def flagging(*args, **kwargs):  # pretend bf16 broke every point that the fp32 check held
+    def flagging(*args, **kwargs):  # pretend: every attacked row needed a check, fp32 refused one where it held
         report = real(*args, **kwargs)
-        report.broken_low_precision_only = report.robust_correct.clone()
+        report.fp32_checked = torch.ones_like(report.robust_correct)
+        report.fp32_rejected = report.robust_correct.clone()
         return report
 
-    rows = [(30, 30, 31, "left"), (32, 33, 32, "right"), (34, 34, 35, "left"), (30, 30, 31, "right")]
-    index = load_dataset("custom", write_custom(tmp_path / "c", rows))  # the last one is wrong when clean
+    index = load_dataset("custom", write_custom(tmp_path / "c", TIE_ROWS))  # the last one is wrong when clean
     plan = EvalPlan([0.5 / 255, 2 / 255], AttackSettings(norm="linf", iters=2), batch_size=8)
-    plain = evaluate_model(metric, index, plan, {}, Dist())
-    assert all(r["low_precision_only"] in (None, [False, False]) for r in plain.values())  # fp32 on CPU: none
+    plain = evaluate_model(metric, index, plan, {}, Dist())  # an fp32 attack: no confirmations, nothing counted
+    assert all(r["fp32_checked"] is None and r["fp32_rejected"] is None for r in plain.values())
+    assert "fp32_checked" not in summarize(index, plain, plan.radii)["overall"]
     monkeypatch.setattr(twoafc, "attack_2afc_embedded", flagging)
     records = evaluate_model(metric, index, plan, {}, Dist())
-    for rec in records.values():  # flagged exactly where the triplet was attacked and held
-        expected = [rec["clean_correct"] and all(rec["robust_correct"][:r + 1]) for r in range(2)]
-        assert rec["low_precision_only"] == (expected if rec["clean_correct"] else None)
+    for rec in records.values():  # radius r attacks the survivors of the smaller radii only
+        if not rec["clean_correct"]:  # never attacked
+            assert rec["fp32_checked"] is None and rec["fp32_rejected"] is None
+            continue
+        assert rec["fp32_checked"] == [all(rec["robust_correct"][:r]) for r in range(2)]
+        assert rec["fp32_rejected"] == [all(rec["robust_correct"][:r + 1]) for r in range(2)]
     overall = summarize(index, records, plan.radii)["overall"]
-    assert overall["low_precision_only"] == [round(v * overall["n_attacked"]) for v in overall["robust"]]
-    assert overall["low_precision_only"][0] > overall["low_precision_only"][1] > 0  # some held, some broken
+    survivors = [round(v * overall["n_attacked"]) for v in overall["robust"]]
+    assert overall["fp32_checked"] == [round(overall["clean"] * overall["n"]), survivors[0]]
+    assert overall["fp32_rejected"] == survivors
+    assert overall["fp32_rejected"][0] > overall["fp32_rejected"][1] > 0  # some held, some broken
+
+
+def test_bf16_attack_records_its_fp32_confirmations(metric, tmp_path):
+    index = load_dataset("custom", write_custom(tmp_path / "c", TIE_ROWS))
+    settings = AttackSettings(norm="linf", iters=3, autocast_dtype="bf16")
+    plan = EvalPlan([1 / 255, 16 / 255], settings, batch_size=8)
+    records = evaluate_model(metric, index, plan, {}, Dist())
+    overall = summarize(index, records, plan.radii)["overall"]
+    for rec in records.values():
+        if rec["clean_correct"]:  # attacked: one flag per radius; fp32 can only reject a claim it checked
+            assert len(rec["fp32_checked"]) == len(rec["fp32_rejected"]) == 2
+            assert all(c or not r for c, r in zip(rec["fp32_checked"], rec["fp32_rejected"]))
+    assert overall["robust"][-1] < overall["clean"]  # 16/255 breaks some triplets ...
+    assert len(overall["fp32_checked"]) == 2 and sum(overall["fp32_checked"]) > 0  # ... claims confirmed in fp32
+    assert all(r <= c for c, r in zip(overall["fp32_checked"], overall["fp32_rejected"]))
+
+
+def test_runner_reports_through_events_and_prints_nothing(metric, tmp_path, capfd):
+    from percept_cli.evaluation import runner
+
+    table = write_custom(tmp_path / "c", TIE_ROWS)
+    out = tmp_path / "r.json"
+    settings = AttackSettings(norm="l2", eps=0.05, iters=1)
+    request = runner.EvalRequest("custom", table, models=["tiny", "tiny"], attack=settings, radii=[0.05], out=out,
+                                 batch_size=2)
+    job = runner.prepare(request)
+    assert job.models == ["tiny"] and job.repeated == {"tiny": 2}
+    events, loads = [], []
+    record = runner.run(job, lambda name: loads.append(name) or metric, on_event=events.append)
+    assert capfd.readouterr() == ("", "")  # the library never prints
+    assert loads == ["tiny"] and list(record["models"]) == ["tiny"] and record["status"] == "complete"
+    kinds = [e.kind for e in events]
+    assert kinds[0] == "started" and kinds[-1] == "finished" and set(kinds[1:-1]) == {"advanced"}
+    # units of work: the 6 distinct images (img30 ... img35), then the clean-correct triplets, attacked with
+    # running accuracies; the total announced counts every triplet to attack (correctness is not known yet)
+    right = sum(t["clean_correct"] for t in record["models"]["tiny"]["triplets"])
+    assert events[0].total == 6 + 4 and 0 < right < 4
+    assert sum(e.done for e in events[1:-1] if e.robust is None) == 6
+    assert sum(e.done for e in events[1:-1] if e.robust is not None) == right
+
+    resumed = runner.prepare(replace(request, out=None, resume=out))  # a finished model is not evaluated again
+    events.clear()
+    runner.run(resumed, lambda name: pytest.fail("loaded a finished model"), on_event=events.append)
+    assert [(e.kind, e.model) for e in events] == [("skipped", "tiny")]

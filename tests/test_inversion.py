@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import errno
+
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
+import tiny_models
 from percept_cli import load_metric
 from percept_cli.errors import BadInputError
-from percept_cli.inversion import InversionSettings, contact_sheet, initial_images, invert, slug
+from percept_cli.inversion import (InversionSettings, InversionTarget, contact_sheet, initial_images, invert,
+                                   run_inversion, slug)
 
 
 @pytest.fixture(scope="module")
@@ -114,3 +120,67 @@ def test_contact_sheet_size():
 
 def test_slug():
     assert slug("A painting of a sunflower!") == "a-painting-of-a-sunflower" and slug("???") == "target"
+
+
+# -- run_inversion: the whole job behind `percept invert` -----------------------------------------
+def test_run_inversion_writes_the_documented_files(metric, tmp_path):
+    out = tmp_path / "inv"  # not there yet: created
+    run = run_inversion(metric, InversionTarget.text("A Sunflower!"), [3, 7], InversionSettings(iters=4), out,
+                        save_every=2, grid=True)
+    stem = "a-sunflower"  # the prompt, lower-cased, non-alphanumerics to '-'
+    expected = {f"{stem}_seed3.png", f"{stem}_seed7.png", f"{stem}_grid.png",
+                *(f"steps/{stem}_seed{s}_iter{k:04d}.png" for s in (3, 7) for k in (2, 4))}
+    assert {str(p.relative_to(out)) for p in out.rglob("*.png")} == expected
+    assert run.paths == [out / f"{stem}_seed3.png", out / f"{stem}_seed7.png"] and run.grid == out / f"{stem}_grid.png"
+    assert sorted(map(str, run.intermediate)) == sorted(str(out / p) for p in expected if p.startswith("steps/"))
+    assert run.failures == [] and run.judge_similarity is None
+    for path, img in zip(run.paths, run.images):  # each file holds its seed's image, 8-bit
+        expected_pixels = (img.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        np.testing.assert_array_equal(np.asarray(Image.open(path)), expected_pixels)
+    assert Image.open(run.grid).size == (2 * (224 + 6) + 6, 224 + 22 + 12)  # no target tile for a prompt
+
+
+def test_run_inversion_judge_similarity_is_the_judges_cosine(metric, tmp_path):
+    import open_clip
+
+    judge_model = tiny_models.save_open_clip_dir(tmp_path / "judge", tiny_models.VIT_CFG, seed=1)
+    judge = load_metric(str(tmp_path / "judge"), device="cpu", with_text=True)
+    prompt = "a red sports car"
+    run = run_inversion(metric, InversionTarget.text(prompt), [0, 1], InversionSettings(iters=3), tmp_path / "out",
+                        judge=judge)
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{tmp_path / 'judge'}")
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (tiny_models.CLIP_MEAN, tiny_models.CLIP_STD))
+    with torch.no_grad():  # the judge's own text and image towers, straight from open_clip
+        text = F.normalize(judge_model.encode_text(tokenizer([prompt])), dim=-1)[0]
+        images = F.normalize(judge_model.encode_image((run.images - mean) / std), dim=-1)
+    torch.testing.assert_close(run.judge_similarity, images @ text, atol=1e-5, rtol=0)
+    assert not torch.allclose(run.judge_similarity, run.similarity, atol=1e-3)  # a different model's view
+
+
+def test_run_inversion_returns_the_similarities_when_writes_fail(metric, tmp_path, monkeypatch):
+    import percept_cli.io.outputs as outputs
+
+    def disk_full(path, pixels):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(outputs, "save_png", disk_full)
+    run = run_inversion(metric, InversionTarget.text("a cat"), [0, 1], InversionSettings(iters=2), tmp_path,
+                        grid=True, save_every=1)
+    assert run.paths == [None, None] and run.grid is None and run.intermediate == []
+    assert run.similarity.shape == (2,) and bool((run.similarity.abs() <= 1).all())
+    # the first failed intermediate save stops the others; every final file is still tried
+    assert [(f["option"], f["path"]) for f in run.failures] == [
+        ("save_every", str(tmp_path / "steps" / "a-cat_seed0_iter0001.png")),
+        ("save_every", str(tmp_path / "steps" / "a-cat_seed1_iter0001.png")),
+        ("out_dir", str(tmp_path / "a-cat_seed0.png")), ("out_dir", str(tmp_path / "a-cat_seed1.png")),
+        ("grid", str(tmp_path / "a-cat_grid.png"))]
+    assert {f["reason"] for f in run.failures} == {"No space left on device"}
+
+
+def test_inversion_target_names_and_checks():
+    assert InversionTarget.image("photos/My Cat.JPG").name == "my-cat"
+    assert InversionTarget.text("a painting of a sunflower").name == "a-painting-of-a-sunflower"
+    with pytest.raises(BadInputError, match="empty"):
+        InversionTarget.text("   ")
+    with pytest.raises(BadInputError, match="kind"):
+        InversionTarget("video", "x.mp4")

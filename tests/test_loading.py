@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
+from pathlib import Path
 
 import pytest
+import tiny_models
 import torch
 import torch.nn.functional as F
-import tiny_models
 
-from percept_cli.models import zoo
 from percept_cli.errors import BadInputError, ModelFormatError, ModelUnavailableError
+from percept_cli.models import zoo
 from percept_cli.models.loading import describe_model, load_encoder, read_state_dict
 from percept_cli.models.naming import parse_model_name
 
@@ -67,7 +69,7 @@ def test_uncached_model_offline_is_one_clear_error(empty_offline_hub):
 
 
 def test_bin_weights_load_weights_only(tiny_vit, tmp_path):
-    directory, model = tiny_vit
+    _, model = tiny_vit
     target = tmp_path / "bin-model"
     tiny_models.save_open_clip_dir(target, tiny_models.VIT_CFG, seed=0, weights_name="open_clip_pytorch_model.bin")
     encoder, source = load_encoder(parse_model_name(str(target)))
@@ -164,7 +166,12 @@ def test_describe_cached_and_uncached(offline_hub, empty_offline_hub):
 def test_describe_cached(offline_hub):
     info = describe_model("rclip-t-vit-b16")
     assert info["present"] is True and len(info["revision"]) == 40
-    assert info["path"].startswith(str(offline_hub)) and info["nights"]["clean"] == 91.9
+    assert info["path"].startswith(str(offline_hub))
+    spec = zoo.get_spec("rclip-t-vit-b16")
+    for key, threat in (("clean", "clean"), ("linf", "linf 4/255"), ("l2", "l2 3")):
+        published = spec.published_value("nights", threat)  # the zoo's published list, not a copied number
+        assert info["nights"][key] == (None if published is None else published.value), key
+    assert info["nights"]["clean"] is not None
 
 
 def test_bad_hub_id():
@@ -189,7 +196,7 @@ def test_weights_only_repo_uses_builtin_arch(offline_hub, tmp_path):
     tiny_models.add_to_hub_cache(offline_hub, "openai-like/weights-only", source_dir)
     spec = dataclasses.replace(zoo.get_spec("clip-vit-l14"), source="hf-hub:openai-like/weights-only",
                                arch="percept-tiny-builtin")
-    encoder, source = load_encoder(ModelRef("hf-hub", "openai-like/weights-only", "x", spec=spec))
+    encoder, _ = load_encoder(ModelRef("hf-hub", "openai-like/weights-only", "x", spec=spec))
     x = torch.rand(2, 3, 224, 224)
     with torch.no_grad():
         torch.testing.assert_close(encoder(x), _direct_embedding(model, x), atol=1e-5, rtol=1e-5)
@@ -254,6 +261,22 @@ def test_token_pooling_is_timms_own_output(custom_norm_timm, pooling):
         torch.testing.assert_close(encoder(x), _timm_output(model, _normalised(x, CUSTOM_MEAN, CUSTOM_STD)),
                                    atol=1e-5, rtol=1e-5)
     assert source.pooling == "token"
+
+
+@pytest.mark.parametrize("pooling", ["cls_prenorm", "token"])
+def test_local_timm_dir_through_load_metric_uses_its_mean_std_and_pooling(custom_norm_timm, pooling):
+    """The public path (load_metric, embed, metric(x, y)) against a direct timm forward of the same weights."""
+    from percept_cli import load_metric
+
+    directory, model = custom_norm_timm
+    metric = load_metric(str(directory), device="cpu", pooling=pooling)
+    direct = _last_block_class_token if pooling == "cls_prenorm" else _timm_output
+    x, y = torch.rand(2, 3, 224, 224), torch.rand(2, 3, 224, 224)
+    ex, ey = (direct(model, _normalised(v, CUSTOM_MEAN, CUSTOM_STD)) for v in (x, y))
+    torch.testing.assert_close(metric.embed(x, normalize=False), ex, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(metric(x, y), 1 - F.cosine_similarity(ex, ey, dim=-1), atol=1e-5, rtol=1e-5)
+    assert metric.source.pooling == pooling
 
 
 def test_timm_config_without_mean_std_uses_imagenet_constants(tmp_path):
@@ -377,3 +400,52 @@ def test_zoo_l14_entries_use_openais_quick_gelu_arch(spec):
     import open_clip
 
     assert open_clip.get_model_config(spec.arch)["quick_gelu"] is True
+
+
+# --- logging: open_clip's and timm's build chatter is silenced, nothing else --------------------
+
+def _logs_like_user_code(real):
+    """``real``, preceded by log calls from the user's own code (a named logger and the root logger)."""
+    def wrapped(*args, **kwargs):
+        logging.getLogger("my_app").warning("my_app: still heard while a model builds")
+        logging.warning("root: still heard while a model builds")  # noqa: LOG015 (user code may do this)
+        logging.getLogger("timm.models._builder").info("timm: build chatter")  # timm's own logger
+        return real(*args, **kwargs)
+    return wrapped
+
+
+def test_loading_silences_library_chatter_but_not_the_users_logs(tiny_vit, tmp_path, caplog, monkeypatch):
+    import open_clip
+    import timm
+
+    tiny_models.save_timm_dir(tmp_path / "timm", seed=0)
+    monkeypatch.setattr(open_clip, "create_model", _logs_like_user_code(open_clip.create_model))
+    monkeypatch.setattr(timm, "create_model", _logs_like_user_code(timm.create_model))
+    open_clip_dir = Path(open_clip.__file__).resolve().parent
+
+    def library_records():
+        return [r for r in caplog.records if r.name.startswith("timm")
+                or Path(r.pathname).resolve().is_relative_to(open_clip_dir)]
+
+    with caplog.at_level(logging.DEBUG):
+        load_encoder(parse_model_name(str(tiny_vit[0])))
+        load_encoder(parse_model_name(str(tmp_path / "timm")))
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages.count("my_app: still heard while a model builds") == 2
+    assert messages.count("root: still heard while a model builds") == 2
+    assert library_records() == []
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG):  # the same build outside percept's loading does chatter
+        open_clip.create_model(f"local-dir:{tiny_vit[0]}", pretrained=None, load_weights=False)
+    assert any("initialized randomly" in r.getMessage() for r in library_records())
+    assert any(r.name == "timm.models._builder" for r in library_records())
+
+
+def test_loading_leaves_an_unconfigured_root_logger_unconfigured(tiny_vit, monkeypatch):
+    """open_clip's module-level ``logging.info`` would otherwise run basicConfig() and make a user's
+    own later ``logging.basicConfig(...)`` a silent no-op."""
+    monkeypatch.setattr(logging.root, "handlers", [])
+    monkeypatch.setattr(logging.root, "filters", [])
+    load_encoder(parse_model_name(str(tiny_vit[0])))
+    assert logging.root.handlers == [] and logging.root.filters == []
+    assert logging.getLogger("timm").level == logging.NOTSET

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import pytest
+import tiny_models
 import torch
 import torch.nn.functional as F
-import tiny_models
 from conftest import make_picture
+from torch import nn
 
 from percept_cli import load_metric
 from percept_cli.errors import BadInputError, ImageReadError
@@ -257,3 +258,125 @@ def test_input_range_minus_one_to_one_and_0_255(metric_and_model, tiny_vit):
     torch.testing.assert_close(lpips_style.distance(uint8, y * 2 - 1), metric.distance(uint8, y), atol=1e-5, rtol=0)
     with pytest.raises(BadInputError, match="input_range"):
         load_metric(str(tiny_vit[0]), device="cpu", input_range="0-1")
+
+
+# -- the metric is a torch module (issue 10) ---------------------------------------------------
+@pytest.fixture
+def fresh_metric(tiny_vit):
+    """A metric of its own (these tests move, cast, unfreeze or train it)."""
+    return load_metric(str(tiny_vit[0]), device="cpu")
+
+
+def _open_clip_distance(model, a, b):
+    """1 - cos of OpenCLIP's own image embeddings, with gradients (the independent reference)."""
+    mean = torch.tensor(tiny_models.CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(tiny_models.CLIP_STD).view(1, 3, 1, 1)
+    ea, eb = (model.encode_image((v - mean) / std) for v in (a, b))
+    return 1 - F.cosine_similarity(ea, eb, dim=-1)
+
+
+class _Restorer(nn.Module):
+    """A small image-to-image model trained with the metric as its loss."""
+
+    def __init__(self, metric):
+        super().__init__()
+        torch.manual_seed(5)
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.metric = metric
+
+    def forward(self, noisy, clean):
+        return self.metric(torch.sigmoid(self.conv(noisy)), clean).mean()
+
+
+def test_load_metric_returns_an_eval_mode_frozen_module(fresh_metric):
+    metric = fresh_metric
+    assert isinstance(metric, nn.Module) and not metric.training and not metric.encoder.training
+    params = list(metric.parameters())
+    assert params and not any(p.requires_grad for p in params)
+    assert {id(p) for p in params} == {id(p) for p in metric.encoder.parameters()}
+    state = metric.state_dict()
+    assert state and all(k.startswith("encoder.") for k in state)
+    assert metric.train() is metric and metric.encoder.backbone.training  # the usual module switches
+    assert metric.eval() is metric and not metric.encoder.backbone.training
+
+
+def test_to_moves_the_device_and_casts_like_the_dtype_option(fresh_metric, tiny_vit):
+    metric = fresh_metric
+    x = torch.rand(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    fp32 = metric.embed(x)
+    assert metric.to("cpu") is metric and metric.device == torch.device("cpu")
+    metric.to(torch.float64)  # fp32 weights are exact in fp64: the same embeddings up to rounding
+    assert metric.encoder.compute_dtype == torch.float64 and metric.embed(x).dtype == torch.float32
+    torch.testing.assert_close(metric.embed(x), fp32, atol=1e-5, rtol=0)
+    as_bf16 = load_metric(str(tiny_vit[0]), device="cpu", dtype="bf16")
+    metric.to(torch.bfloat16)
+    assert metric.dtype_name == "bf16" and metric.encoder.mean.dtype == torch.float32
+    # normalisation kept at full float32 precision (a bf16 round trip would move 0.48145466 to 0.482421875)
+    assert metric.encoder.mean.flatten().tolist() == torch.tensor(tiny_models.CLIP_MEAN).tolist()
+    torch.testing.assert_close(metric.embed(x), as_bf16.embed(x), atol=0, rtol=0)
+    metric.to("meta")  # a device move without a second device: `device` follows the weights
+    assert metric.device.type == "meta" and next(metric.parameters()).device.type == "meta"
+    assert "device='meta'" in repr(metric)
+
+
+def test_as_a_loss_inside_a_model_gradients_match_open_clip(fresh_metric, tiny_vit):
+    _, model = tiny_vit
+    g = torch.Generator().manual_seed(2)
+    noisy, clean = torch.rand(2, 3, 224, 224, generator=g), torch.rand(2, 3, 224, 224, generator=g)
+    restorer = _Restorer(fresh_metric)
+    restorer(noisy.requires_grad_(), clean).backward()
+    reference = _Restorer(None)  # the same conv (same seed), the loss computed by OpenCLIP itself
+    noisy_ref = noisy.detach().clone().requires_grad_()
+    _open_clip_distance(model, torch.sigmoid(reference.conv(noisy_ref)), clean).mean().backward()
+    torch.testing.assert_close(noisy.grad, noisy_ref.grad, atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(restorer.conv.weight.grad, reference.conv.weight.grad, atol=1e-6, rtol=1e-4)
+    assert float(noisy.grad.abs().sum()) > 0
+    assert all(p.grad is None for p in fresh_metric.parameters())  # frozen: nothing accumulates
+    model.zero_grad(set_to_none=True)
+
+
+def test_unfrozen_metric_fine_tunes_with_open_clips_gradients(fresh_metric, tiny_vit):
+    import copy
+
+    metric = fresh_metric.requires_grad_(True)
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.rand(2, 3, 224, 224, generator=g), torch.rand(2, 3, 224, 224, generator=g)
+    metric(x, y).mean().backward()
+    reference = copy.deepcopy(tiny_vit[1]).requires_grad_(True)
+    _open_clip_distance(reference, x, y).mean().backward()
+    expected = dict(reference.visual.named_parameters())
+    for name, param in metric.encoder.backbone.named_parameters():
+        torch.testing.assert_close(param.grad, expected[name].grad, atol=1e-6, rtol=1e-4, msg=name)
+    before = {name: p.detach().clone() for name, p in metric.named_parameters()}
+    with torch.no_grad():
+        d0 = metric(x, y)
+    torch.optim.SGD(metric.parameters(), lr=0.05).step()
+    assert any(not torch.equal(before[name], p) for name, p in metric.named_parameters())
+    with torch.no_grad():
+        d1 = metric(x, y)
+    assert float(d1.mean()) < float(d0.mean())  # a gradient step on the distance lowers it
+
+
+def test_ddp_wraps_a_model_holding_a_trainable_metric(fresh_metric, tmp_path):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    g = torch.Generator().manual_seed(4)
+    noisy, clean = torch.rand(1, 3, 224, 224, generator=g), torch.rand(1, 3, 224, 224, generator=g)
+    restorer = _Restorer(fresh_metric.requires_grad_(True))
+    restorer(noisy, clean).backward()  # the single-process gradients, for comparison
+    expected = {name: p.grad.clone() for name, p in restorer.named_parameters()}
+    restorer.zero_grad(set_to_none=True)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        ddp = DistributedDataParallel(restorer)
+        optimizer = torch.optim.SGD(ddp.parameters(), lr=0.01)
+        for step in range(2):  # a second step fails if some trainable parameter got no gradient
+            optimizer.zero_grad(set_to_none=True)
+            ddp(noisy, clean).backward()
+            if step == 0:
+                for name, param in restorer.named_parameters():
+                    torch.testing.assert_close(param.grad, expected[name], atol=1e-6, rtol=1e-5, msg=name)
+            optimizer.step()
+    finally:
+        dist.destroy_process_group()

@@ -87,7 +87,7 @@ CLI_CHANGES = [
     (["--loss", "margin"], "loss=ce", "loss=margin"),
     (["--no-random-start"], "random_start=true", "random_start=false"),
     (["--attack", "square", "--square-queries", "7"], "square_queries=0", "square_queries=7"),
-    (["--dtype", "bf16"], "autocast=none", "autocast=bfloat16"),
+    (["--dtype", "bf16"], "autocast=none", "autocast=bf16"),
     (["--protocol", "native"], "protocol=paper", "protocol=native"),
     (["--resize", "40"], "resize=default", "resize=40"),
     (["--crop", "none"], "crop=default", "crop=none"),
@@ -168,8 +168,8 @@ def test_resume_file_that_is_not_a_results_document_exits_2(interrupted, tmp_pat
 SETTINGS = {"dataset": {"name": "nights", "root": "/data/nights", "split": "test", "subsets": ["test"], "n": None,
                         "first": None, "n_triplets": 8, "task": "2afc", "triplets": None, "image_list": None},
             "protocol": "paper",
-            "attack": {"norm": "linf", "iters": 100, "restarts": 1, "loss": "ce", "random_start": True,
-                       "square_queries": 5000, "square_p_init": 0.8, "autocast": None},
+            "attack": {"norm": "linf", "iters": 100, "restarts": 1, "random_start": True, "seed": 0, "loss": "ce",
+                       "autocast": None, "square_queries": 5000, "square_p_init": 0.8, "force": False},
             "radii": [4 / 255], "seed": 0,
             "model_options": {"models": ["m"], "checkpoint": None, "dtype": "fp32", "resize": None, "crop": None,
                               "pooling": None}}
@@ -192,7 +192,7 @@ CHANGES = [
     (("attack", "random_start"), False, "random_start=true", "random_start=false"),
     (("attack", "square_queries"), 100, "square_queries=5000", "square_queries=100"),
     (("attack", "square_p_init"), 0.5, "square_p_init=0.8", "square_p_init=0.5"),
-    (("attack", "autocast"), "bfloat16", "autocast=none", "autocast=bfloat16"),
+    (("attack", "autocast"), "bf16", "autocast=none", "autocast=bf16"),
     (("radii",), [4 / 255, 8 / 255], "eps=4/255", "eps=4/255,8/255"),
     (("seed",), 7, "seed=0", "seed=7"),
     (("model_options", "models"), ["m", "k"], "models=m", "models=m,k"),
@@ -257,14 +257,24 @@ def test_partial_differing_from_the_results_file_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("content", ['{"model": "m", "records": {}}',  # the old format: no settings to check
-                                     '{"schema": "percept.eval-2afc-partial/1", "settings": {}, "model": "m", '
-                                     '"records": {"t1": 3}}',
+                                     json.dumps({"schema": "percept.eval-2afc-partial/1", "settings": SETTINGS,
+                                                 "model": "m", "records": {}}),  # an older percept's
+                                     json.dumps({"schema": results.PARTIAL_SCHEMA, "settings": {}, "model": "m",
+                                                 "records": {"t1": 3}}),
                                      "[1, 2]", ""])
 def test_foreign_or_damaged_partial_file_is_refused(tmp_path, content):
     out = tmp_path / "r.json"
     part = tmp_path / "r.json.rank0.partial.json"
     part.write_text(content)
     with pytest.raises(BadInputError, match=r"r\.json\.rank0\.partial\.json"):
+        results.load_for_resume(out, SETTINGS)
+
+
+def test_results_of_an_older_percept_are_named_as_such(tmp_path):
+    """A results file of schema /2 (old tie rule, low_precision_only) is refused, not mixed with new records."""
+    out = tmp_path / "r.json"
+    results.save(out, {**results.new_record(SETTINGS), "schema": "percept.eval-2afc/2"})
+    with pytest.raises(BadInputError, match=r"written by an older percept \(percept\.eval-2afc/2"):
         results.load_for_resume(out, SETTINGS)
 
 

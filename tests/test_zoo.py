@@ -24,7 +24,7 @@ def test_default_is_fare_convnext():
 
 def test_names_and_aliases_are_unique_and_typable():
     keys = [k for s in zoo.list_models() for k in (s.name, *s.aliases)]
-    assert len(keys) == len(set(k.lower() for k in keys))
+    assert len(keys) == len({k.lower() for k in keys})
     assert all(k == k.lower() and " " not in k for k in keys)
 
 
@@ -92,3 +92,48 @@ def test_published_result_refuses_what_is_outside_the_vocabulary(args):
 def test_unknown_name():
     with pytest.raises(zoo.UnknownModelError):
         zoo.get_spec("nope")
+
+
+# The dataset, split and BAPPS subset `percept eval-2afc` evaluates for each benchmark it can measure
+# (written out here from the paper's protocol; retrieval and NSFW numbers have no eval-2afc counterpart).
+EVALUATED = {"nights": ("nights", "test", None), "nights_imagenet": ("nights", "test_imagenet", None),
+             "nights_no_imagenet": ("nights", "test_no_imagenet", None), "bapps": ("bapps", "val", None),
+             "things": ("things", None, None)} | {
+    f"bapps_{s}": ("bapps", "val", s) for s in ("traditional", "cnn", "superres", "deblur", "color", "frameinterp")}
+
+
+def _results_doc(spec, benchmark: str, threat: str, ours: float) -> dict:
+    """A results document holding one number of ours for ``spec`` on ``benchmark`` under ``threat``."""
+    from percept_cli.evaluation.results import SCHEMA
+
+    dataset, split, group = EVALUATED[benchmark]
+    ball = zoo.THREATS[threat]
+    radii = [] if ball is None else [ball[1]]
+    stats = {"clean": ours, "robust": [ours] * len(radii)}
+    summary = {"overall": stats, "groups": {group: stats} if group else {}}
+    return {"schema": SCHEMA, "dataset": {"name": dataset, "split": split, "n_triplets": 10},
+            "attack": None if ball is None else {"norm": ball[0]}, "radii": radii,
+            "models": {"run": {"model": {"name": spec.name, "zoo": spec.name}, "summary": summary}}}
+
+
+MEASURABLE = [(spec, r) for spec in zoo.list_models() for r in spec.published if r.benchmark in EVALUATED]
+
+
+def test_the_zoo_publishes_numbers_eval_2afc_can_measure():
+    assert MEASURABLE and zoo.get_spec(zoo.DEFAULT_MODEL) in {spec for spec, _ in MEASURABLE}
+
+
+def _case_id(value) -> str:
+    return getattr(value, "name", None) or f"{value.benchmark}-{value.threat}".replace(" ", "-").replace("/", "_")
+
+
+@pytest.mark.parametrize("spec, result", MEASURABLE, ids=_case_id)
+def test_compare_paper_finds_every_published_number_it_can_measure(spec, result):
+    from percept_cli.evaluation.paper import compare_with_paper
+
+    report = compare_with_paper(_results_doc(spec, result.benchmark, result.threat, 0.5))
+    (model,) = report["models"]
+    rows = [r for r in model["rows"] if (r["benchmark"], r["threat"]) == (result.benchmark, result.threat)]
+    assert len(rows) == 1, (result, model["rows"])
+    assert (rows[0]["paper"], rows[0]["source"]) == (result.value, result.source)
+    assert rows[0]["diff"] == pytest.approx(50.0 - result.value, abs=0.006)

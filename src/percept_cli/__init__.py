@@ -12,7 +12,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "load_metric", "PerceptualMetric", "list_models", "get_spec", "DEFAULT_MODEL"]
+__all__ = ["DEFAULT_MODEL", "PerceptualMetric", "__version__", "get_spec", "list_models", "load_metric"]
 
 from .models.zoo import DEFAULT_MODEL, get_spec, list_models
 

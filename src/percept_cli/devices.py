@@ -66,3 +66,8 @@ def resolve_dtype(name: str | torch.dtype = "fp32") -> torch.dtype:
     if key not in DTYPES:
         raise BadInputError(f"unknown dtype '{name}'; use fp32, bf16 or fp16.")
     return DTYPES[key]
+
+
+def autocast_name(dtype: torch.dtype | None) -> str | None:
+    """The name of an autocast precision: None for no autocast (None or fp32), else ``bf16``/``fp16``."""
+    return None if dtype in (None, torch.float32) else DTYPE_NAMES.get(dtype, str(dtype))

@@ -70,13 +70,6 @@ def gather(dist: Dist, obj: Any) -> list:
     return out
 
 
-def barrier(dist: Dist) -> None:
-    if dist.enabled:
-        import torch.distributed as tdist
-
-        tdist.barrier()
-
-
 def shutdown(dist: Dist) -> None:
     if dist.enabled:
         import torch.distributed as tdist

@@ -5,6 +5,11 @@ uniform noise in [-8/255, 8/255], then APGD for 500 iterations in the l2 ball of
 that start (the radius regularises), with initial step size 200, maximising cos(phi(x), target).
 All seeds are optimised together in one batch.
 
+:func:`run_inversion` is the whole job behind ``percept invert``: target embedding(s), the
+inversion, the PNG files (named by :func:`seed_file`, :func:`grid_file`, :func:`step_file`), an
+optional second "judge" metric and the contact sheet; it never prints and a failed write is
+returned, not raised.
+
 The alternative (their Appendix C, ``method="augmented"``): Adam (lr 0.1, 1000 steps) on the
 pixels, the loss averaged over randomly augmented views (colour, translation, cutout, in the
 spirit of DiffAugment, Zhao et al., NeurIPS 2020).
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -38,9 +44,14 @@ class InversionSettings:
     lr: float = 0.1
     views: int = 8
     size: Optional[int] = None  # optimisation/output resolution; None = the model's input size
-    autocast_dtype: Optional[torch.dtype] = None
+    autocast_dtype: Optional[torch.dtype] = None  # or a name (bf16, fp16); fp32 means no autocast
 
     def __post_init__(self):
+        if self.autocast_dtype is not None:
+            from .devices import resolve_dtype
+
+            self.autocast_dtype = resolve_dtype(self.autocast_dtype)
+            self.autocast_dtype = None if self.autocast_dtype == torch.float32 else self.autocast_dtype
         if self.method not in METHODS:
             raise BadInputError(f"unknown inversion method '{self.method}'; use apgd or augmented.")
         if self.iters is None:
@@ -192,3 +203,147 @@ def contact_sheet(images: torch.Tensor, labels: Sequence[str], target: Optional[
         sheet.paste(pil, (x0, pad))
         draw.text((x0 + 2, pad + tile + 4), label, fill=(0, 0, 0))
     return sheet
+
+
+# -- the whole job: targets, files, judge, contact sheet ------------------------------------------
+@dataclass(frozen=True)
+class InversionTarget:
+    """What to invert: a photo's embedding (``kind="image"``, ``value`` its path) or a prompt's CLIP
+    text embedding (``kind="text"``, ``value`` the prompt). ``name`` is the stem of every file written.
+
+    Raises:
+        BadInputError: an unknown kind or an empty prompt.
+    """
+
+    kind: str
+    value: str
+
+    def __post_init__(self):
+        if self.kind not in ("image", "text"):
+            raise BadInputError(f"unknown inversion target kind '{self.kind}'; use image or text.")
+        if self.kind == "text" and not self.value.strip():
+            raise BadInputError("empty text prompt.")
+
+    @classmethod
+    def image(cls, path: str | Path) -> "InversionTarget":
+        return cls("image", str(path))
+
+    @classmethod
+    def text(cls, prompt: str) -> "InversionTarget":
+        return cls("text", prompt)
+
+    @property
+    def name(self) -> str:
+        return slug(self.value if self.kind == "text" else Path(self.value).stem)
+
+
+def seed_file(out_dir: str | Path, name: str, seed: int) -> Path:
+    """``<out_dir>/<name>_seed<S>.png``: the reconstruction from ``seed``."""
+    return Path(out_dir) / f"{name}_seed{seed}.png"
+
+
+def grid_file(out_dir: str | Path, name: str) -> Path:
+    """``<out_dir>/<name>_grid.png``: the contact sheet."""
+    return Path(out_dir) / f"{name}_grid.png"
+
+
+def step_file(out_dir: str | Path, name: str, seed: int, k: int) -> Path:
+    """``<out_dir>/steps/<name>_seed<S>_iter<k>.png`` (k zero-padded to 4 digits): an intermediate image."""
+    return Path(out_dir) / "steps" / f"{name}_seed{seed}_iter{k:04d}.png"
+
+
+@dataclass
+class InversionRun:
+    """What :func:`run_inversion` did. Rows of ``images``, ``similarity``, ``judge_similarity`` and
+    ``paths`` follow ``seeds``; a path is None when its file could not be written, and ``failures``
+    (``{"option", "path", "reason"}``, ``option`` naming the argument: out_dir, grid or save_every)
+    lists every write that failed."""
+
+    target: InversionTarget
+    seeds: list[int]
+    settings: InversionSettings
+    images: torch.Tensor
+    similarity: torch.Tensor
+    judge_similarity: Optional[torch.Tensor]
+    paths: list[Optional[Path]]
+    grid: Optional[Path]
+    intermediate: list[Path]
+    failures: list[dict]
+
+
+def _target_embedding(metric, target: InversionTarget, *, keep_pixels: bool = False):
+    """(normalised (D,) target embedding under ``metric``, the target's pixels or None)."""
+    if target.kind == "text":
+        return metric.embed_text([target.value])[0], None
+    if not keep_pixels:  # the metric's own preprocessing of the file
+        return metric.embed([target.value])[0], None
+    pixels = metric.pixels([target.value])
+    with torch.no_grad():
+        return metric.embed_pixels(pixels.to(metric.device)).detach()[0], pixels[0]
+
+
+def run_inversion(metric, target: InversionTarget, seeds: Sequence[int],
+                  settings: Optional[InversionSettings] = None, out_dir: str | Path = "inversions", *,
+                  judge=None, save_every: int = 0, grid: bool = False,
+                  progress: Optional[Callable[[int], None]] = None,
+                  on_iteration: Optional[Callable[[int, torch.Tensor, torch.Tensor], None]] = None) -> InversionRun:
+    """Invert ``target`` under ``metric`` (one image per seed) and write the PNG files into ``out_dir``.
+
+    ``settings`` default to the paper's recipe. Writes :func:`seed_file` per seed, with ``grid``
+    :func:`grid_file` (the target image, if any, then each reconstruction labelled with its seed
+    and cosine), and every ``save_every`` iterations (0: never) the best images so far as
+    :func:`step_file` (stopped after a failed write). ``judge``, a second metric, scores the
+    reconstructions against its own embedding of the target. A failed write (``OSError``) is
+    recorded in ``failures``, never raised, so the similarities are always returned.
+
+    Raises:
+        BadInputError: no seeds, bad settings, a text target for a model without a text tower.
+        ImageReadError: an unreadable target image.
+    """
+    from .io.outputs import OutputWrites
+
+    if not seeds:
+        raise BadInputError("no seeds given.")
+    seeds, out_dir, name = [int(s) for s in seeds], Path(out_dir), target.name
+    settings = settings or InversionSettings()
+    target_emb, target_pixels = _target_embedding(metric, target, keep_pixels=True)
+    judge_target = _target_embedding(judge, target)[0] if judge is not None else None
+    writes = OutputWrites()
+    writes.attempt("out_dir", out_dir, lambda: out_dir.mkdir(parents=True, exist_ok=True))
+    intermediate: list[Path] = []
+
+    def watch(k, best, best_sim):
+        if save_every and k % save_every == 0 and not writes.failures:
+            intermediate.extend(_save_all(writes, "save_every", [step_file(out_dir, name, s, k) for s in seeds], best))
+        if on_iteration is not None:
+            on_iteration(k, best, best_sim)
+
+    result = invert(metric, target_emb, seeds, settings, progress=progress, on_iteration=watch)
+    judge_sims = None
+    if judge is not None:
+        with torch.no_grad():
+            judge_sims = (judge.embed_pixels(result.images.to(judge.device)) * judge_target).sum(-1).cpu()
+    paths = [_save(writes, "out_dir", seed_file(out_dir, name, s), img) for s, img in zip(seeds, result.images)]
+    grid_path = None
+    if grid:
+        labels = [f"seed {s}  cos {float(sim):.3f}" for s, sim in zip(seeds, result.similarity)]
+        sheet = contact_sheet(result.images, labels, target_pixels, "target" if target_pixels is not None else "",
+                              tile=result.images.shape[-1])
+        grid_path = _save(writes, "grid", grid_file(out_dir, name), sheet)
+    return InversionRun(target, seeds, settings, result.images, result.similarity, judge_sims, paths, grid_path,
+                        intermediate, writes.failures)
+
+
+def _save(writes, option: str, path: Path, pixels) -> Optional[Path]:
+    """Write one PNG through ``writes`` (its parent folder created); the path, or None if it failed."""
+    from .io import outputs
+
+    def write():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return outputs.save_png(path, pixels)
+
+    return writes.attempt(option, path, write)
+
+
+def _save_all(writes, option: str, paths: Sequence[Path], images: torch.Tensor) -> list[Path]:
+    return [p for p, img in zip(paths, images) if _save(writes, option, p, img) is not None]

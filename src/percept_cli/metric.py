@@ -5,33 +5,35 @@ Inputs may be file paths, PIL images, tensors ((3,H,W) or (B,3,H,W)) or NumPy ar
 channel-last (H,W,3) or (B,H,W,3)), one or a list. uint8 tensors/arrays hold 0..255; float ones
 lie in the metric's ``input_range`` (``"0,1"`` by default, ``"-1,1"`` as LPIPS takes, ``"0,255"``).
 ``embed``/``distance``/``similarity`` run without gradients; ``embed_pixels`` and calling the
-metric on tensors are differentiable (attacks).
+metric on tensors are differentiable (attacks, or a loss inside another model: the metric is an
+``nn.Module``, as ``lpips.LPIPS`` is).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torch import nn
 
-from .io.data import Failure, iter_file_batches
 from .devices import DTYPE_NAMES, resolve_device, resolve_dtype
-from .models.encoder import PixelEncoder
 from .errors import BadInputError, ImageReadError
+from .io.data import Failure, iter_file_batches
 from .io.images import read_image
+from .io.preprocess import Preprocess, as_pixel_batch, parse_input_range
+from .models.encoder import PixelEncoder
 from .models.loading import ModelSource, load_encoder_and_text
 from .models.naming import parse_model_name
-from .io.preprocess import Preprocess, as_pixel_batch, parse_input_range
 from .models.zoo import DEFAULT_MODEL
 
-ImageLike = Union[str, os.PathLike, Image.Image, torch.Tensor, np.ndarray]
-Images = Union[ImageLike, Sequence[ImageLike]]
+ImageLike = str | os.PathLike | Image.Image | torch.Tensor | np.ndarray
+Images = ImageLike | Sequence[ImageLike]
 Progress = Callable[[int], None]
 
 
@@ -72,13 +74,19 @@ def embedding_distance_matrix(ea: torch.Tensor, eb: torch.Tensor) -> torch.Tenso
     return (1.0 - ea @ eb.T).clamp_(0.0, 2.0)
 
 
-class PerceptualMetric:
-    """A robust perceptual metric: an encoder plus preprocessing, on one device.
+class PerceptualMetric(nn.Module):
+    """A robust perceptual metric: an encoder plus preprocessing, as a torch module.
 
     Build it with :func:`load_metric`. Example::
 
         metric = load_metric("rclip-f-convnext-b", device="cuda")
         d = metric.distance("a.png", ["b.png", "c.png"])   # tensor of 2 distances
+        loss = metric(x, y).mean()                         # differentiable, (B,) -> scalar
+
+    An ``nn.Module`` (as ``lpips.LPIPS`` is): ``.to(device)`` moves it (``device`` follows),
+    ``.to(dtype)`` casts the encoder's weights as ``load_metric(dtype=...)`` does (normalisation and
+    output stay float32), it can sit inside another model as a loss, and DDP can wrap that model.
+    Submodules: ``encoder`` (a :class:`PixelEncoder`) and ``text_encoder`` (None without a text tower).
 
     ``input_range`` (``"0,1"``, ``"-1,1"`` or ``"0,255"``; settable) says where the values of float
     tensors/arrays passed to its methods lie; uint8 always holds 0..255. Attacks
@@ -86,10 +94,12 @@ class PerceptualMetric:
     """
 
     def __init__(self, encoder: PixelEncoder, source: ModelSource, *, batch_size: int = 32,
-                 num_workers: int | None = None, text_encoder=None, input_range: str = "0,1"):
+                 num_workers: int | None = None, text_encoder: nn.Module | None = None, input_range: str = "0,1"):
+        super().__init__()
         self.encoder = encoder
+        self.register_module("text_encoder", text_encoder)  # a submodule slot even when None
+        self.training = encoder.training
         self.source = source
-        self.text_encoder = text_encoder
         self.batch_size = int(batch_size)
         self.num_workers = num_workers
         self.preprocess: Preprocess = encoder.preprocess
@@ -142,9 +152,10 @@ class PerceptualMetric:
         emb = self.encoder(x.to(self.device))
         return F.normalize(emb, dim=-1) if normalize else emb
 
-    def __call__(self, x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray, *,
-                 check: bool = True) -> torch.Tensor:
-        """Differentiable distance (B,) between two pixel batches (like ``lpips.LPIPS()(x, y)``), in [0, 2].
+    def forward(self, x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray, *,
+                check: bool = True) -> torch.Tensor:
+        """``metric(x, y)``: differentiable distance (B,) between two pixel batches (like ``lpips.LPIPS()(x, y)``),
+        in [0, 2].
 
         ``x``, ``y``: tensors or arrays as :meth:`embed_pixels` takes, with equal batch sizes (or one
         of them a single image); the same number as :meth:`distance` gives for them.
@@ -345,6 +356,11 @@ def load_metric(model: str = DEFAULT_MODEL, *, device: str | torch.device = "aut
                 input_range: str = "0,1") -> PerceptualMetric:
     """Load a perceptual metric by zoo name, ``hf-hub:`` id, local directory, or arch + checkpoint.
 
+    The metric comes in eval mode with every parameter frozen (``requires_grad=False``): gradients
+    still flow to its inputs. To fine-tune it, unfreeze it: ``metric.requires_grad_(True)`` (or
+    ``metric.encoder.requires_grad_(True)``, leaving a text tower frozen), ``metric.train()`` if the
+    backbone has dropout, and give ``metric.parameters()`` to the optimizer.
+
     Args:
         model: see :func:`percept_cli.naming.parse_model_name` for accepted forms.
         device: ``auto``, ``cpu``, ``cuda[:N]`` or ``mps``.
@@ -369,5 +385,6 @@ def load_metric(model: str = DEFAULT_MODEL, *, device: str | torch.device = "aut
     torch_device = resolve_device(device)
     encoder, source, text = load_encoder_and_text(ref, torch_device, resolve_dtype(dtype), with_text=with_text,
                                                   resize=resize, crop=crop, pooling=pooling)
-    return PerceptualMetric(encoder, source, batch_size=batch_size, num_workers=num_workers, text_encoder=text,
-                            input_range=input_range)
+    metric = PerceptualMetric(encoder, source, batch_size=batch_size, num_workers=num_workers, text_encoder=text,
+                              input_range=input_range)
+    return metric.eval().requires_grad_(False)

@@ -6,9 +6,11 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from typer.testing import CliRunner
 
+from percept_cli import load_metric
 from percept_cli.cli.app import app
 
 runner = CliRunner()
@@ -23,19 +25,55 @@ def model_args(tiny_vit):
     return ["--model", str(tiny_vit[0]), "--device", "cpu", "--iters", "5"]
 
 
-def test_2afc_json_and_saved_png(model_args, image_dir, tmp_path):
+def _png_embedding(metric, path):
+    """The metric's embedding of a saved 224x224 PNG, read straight from the file (no preprocessing)."""
+    pixels = torch.from_numpy(np.array(Image.open(path))).permute(2, 0, 1).float() / 255
+    with torch.no_grad():
+        return metric.embed_pixels(pixels[None])[0]
+
+
+def test_2afc_json_and_saved_png(model_args, image_dir, tmp_path, tiny_vit):
     out = tmp_path / "adv.png"
     result = run("attack", "2afc", "--ref", image_dir / "a.png", "--left", image_dir / "b.png",
                  "--right", image_dir / "c.png", "--eps", "8/255", "--out", out, "--json", *model_args)
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
     assert doc["label_source"] == "model's clean decision" and doc["clean_correct"] is True
-    assert doc["threat"]["eps_text"] == "8/255" and doc["threat"]["iters"] == 5
+    assert doc["threat"] == {"norm": "linf", "eps": pytest.approx(8 / 255), "eps_text": "8/255", "iters": 5,
+                             "restarts": 1, "random_start": True, "seed": 0, "loss": "ce", "autocast": None,
+                             "square_queries": 0, "square_p_init": None, "force": False}
+    assert doc["fp32_checked"] is None and doc["fp32_rejected"] is None  # an fp32 attack needs no confirmation
+    assert doc["clean"]["tie"] is False and doc["dtype"] == "fp32"
     assert doc["perturbation_norm"] <= 8 / 255 + 1e-6
     assert doc["flipped"] == (doc["clean"]["decision"] != doc["adversarial"]["decision"])
     saved = np.asarray(Image.open(out))
     assert saved.shape == (224, 224, 3) and saved.dtype == np.uint8
-    assert doc["saved"]["in_ball"] is True and isinstance(doc["saved"]["still_broken"], bool)
+    assert doc["saved"]["in_ball"] is True
+    # the verdict on the saved file is the one a reader of the PNG gets
+    metric = load_metric(str(tiny_vit[0]), device="cpu")
+    e_saved = _png_embedding(metric, out)
+    e_left, e_right = metric.embed([str(image_dir / "b.png"), str(image_dir / "c.png")])
+    sim_left, sim_right = float(e_saved @ e_left), float(e_saved @ e_right)
+    assert doc["saved"]["sim_left"] == pytest.approx(sim_left, abs=1e-5)
+    assert doc["saved"]["sim_right"] == pytest.approx(sim_right, abs=1e-5)
+    chosen = "right" if sim_right > sim_left else "left"  # the paper authors' rule: a tie picks left
+    assert doc["saved"]["still_broken"] is (chosen != doc["label"])
+
+
+def test_embed_saved_distance_is_measured_on_the_png(model_args, image_dir, tmp_path, tiny_vit):
+    out = tmp_path / "adv.png"
+    result = run("attack", "embed", image_dir / "a.png", "--untargeted", "--eps", "8/255", "--out", out, "--json",
+                 *model_args)
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    metric = load_metric(str(tiny_vit[0]), device="cpu")
+    clean = metric.embed([str(image_dir / "a.png")])[0]
+    assert doc["saved"]["in_ball"] is True
+    assert doc["saved"]["distance"] == pytest.approx(1 - float(_png_embedding(metric, out) @ clean), abs=1e-5)
+    assert doc["saved"]["distance"] > 0  # the rounded image still moved
+    # an embedding attack has no loss choice and no Square Attack: those keys are not reported
+    assert doc["threat"] == {"norm": "linf", "eps": pytest.approx(8 / 255), "eps_text": "8/255", "iters": 5,
+                             "restarts": 1, "random_start": True, "seed": 0, "autocast": None, "force": False}
 
 
 def test_2afc_given_label_and_human_output(model_args, image_dir):
@@ -92,6 +130,7 @@ def test_distance_robust_interval(model_args, image_dir):
     rec = doc["results"][0]
     assert rec["low"] <= rec["distance"] <= rec["high"] and rec["low"] < rec["high"]
     assert doc["robust"]["eps_text"] == "2/255" and "not a certificate" in doc["robust"]["note"]
+    assert doc["robust"]["iters"] == 5 and doc["robust"]["autocast"] is None and "loss" not in doc["robust"]
     human = run("distance", image_dir / "a.png", image_dir / "b.png", "--robust", "2/255", *model_args)
     assert "under linf 2/255" in human.stdout and human.stdout.startswith("d = ")
 

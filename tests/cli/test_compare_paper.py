@@ -16,7 +16,7 @@ ZOO = zoo.DEFAULT_MODEL
 
 def _doc(dataset="nights", split="test", norm="linf", radii=(4 / 255, 8 / 255), models=None):
     """An eval-2afc results document as `percept eval-2afc --out` writes it (only what is compared)."""
-    return {"schema": "percept.eval-2afc/2", "status": "complete",
+    return {"schema": "percept.eval-2afc/3", "status": "complete",
             "dataset": {"name": dataset, "split": split, "n_triplets": 40, "subsets": [split]},
             "attack": {"norm": norm, "iters": 100} if radii else None, "radii": list(radii), "seed": 0,
             "models": models if models is not None else {}}

@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import synthetic_datasets as sd
@@ -64,9 +65,15 @@ def _comparable(doc):
 
 
 def test_record_schema(full_run, model_args):
+    from percept_cli.attacks import AttackSettings
+
     out, result = full_run
     doc = json.loads(out.read_text())
-    assert doc["schema"] == "percept.eval-2afc/2" and doc["status"] == "complete"
+    assert doc["schema"] == "percept.eval-2afc/3" and doc["status"] == "complete"
+    # the attack entry rebuilds the run's settings (ATTACK plus the CLI defaults); the radii are stored once
+    assert "eps" not in doc["attack"] and doc["attack"]["autocast"] is None
+    assert AttackSettings.from_dict(doc["attack"], eps=0.3) == AttackSettings(
+        norm="l2", eps=0.3, iters=8, restarts=1, random_start=True, seed=0, loss="ce", square_queries=0)
     assert set(doc["versions"]) >= {"percept", "torch", "open_clip"}
     assert doc["dataset"]["name"] == "nights" and doc["dataset"]["split"] == "test" and doc["seed"] == 0
     assert doc["protocol"] == "paper" and doc["dataset"]["first"] is None
@@ -78,6 +85,9 @@ def test_record_schema(full_run, model_args):
     t = entry["triplets"][0]
     assert {"id", "group", "p_right", "d_left", "d_right", "clean_score", "clean_correct", "robust_correct",
             "margin"} <= set(t)
+    # an fp32 attack needs no fp32 confirmations: nothing is counted
+    assert all(t["fp32_checked"] is None and t["fp32_rejected"] is None for t in entry["triplets"])
+    assert "fp32_checked" not in entry["summary"]["overall"] and "autocast" not in result.stdout
     robust = entry["summary"]["overall"]["robust"]
     assert len(robust) == 2 and robust[0] >= robust[1]
     assert entry["summary"]["overall"]["clean"] == pytest.approx(0.8)
@@ -170,15 +180,53 @@ def test_bad_datasets_exit_2_before_model_work(empty_offline_hub, tmp_path, make
     assert message in result.stderr and "Traceback" not in result.output
 
 
-def test_plot_save_adv_square_and_two_models(nights, model_args, tmp_path, tiny_vit):
-    plot, adv = tmp_path / "curve.png", tmp_path / "adv"
+@pytest.fixture(scope="module")
+def second_vit(tmp_path_factory):
+    """Another tiny ViT: the same architecture with other weights (seed 1)."""
+    import tiny_models
+
+    directory = tmp_path_factory.mktemp("second-vit")
+    tiny_models.save_open_clip_dir(directory, tiny_models.VIT_CFG, seed=1)
+    return directory
+
+
+def test_plot_save_adv_square_and_two_models(nights, model_args, tmp_path, second_vit):
+    plot, adv, out = tmp_path / "curve.png", tmp_path / "adv", tmp_path / "r.json"
     result = run("eval-2afc", "--dataset", "nights", "--root", nights, "--attack", "linf", "--attack", "square",
                  "--sweep-eps", "0,0.1,0.5/255", "--iters", "5", "--square-queries", "20", "--n", "6",
-                 "--plot", plot, "--save-adv", adv, *model_args, "--model", str(tiny_vit[0]))
+                 "--plot", plot, "--save-adv", adv, "--out", out, *model_args, "--model", second_vit)
     assert result.exit_code == 0, result.output
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert list(adv.rglob("*.png"))
     assert "Square Attack found" in result.stdout and "0.1/255" in result.stdout
+    models = json.loads(out.read_text())["models"]
+    first, second = models[str(model_args[1])], models[str(second_vit)]
+    assert first["model"]["location"] != second["model"]["location"]  # each entry describes its own model
+    assert [t["id"] for t in first["triplets"]] == [t["id"] for t in second["triplets"]]  # the same 6 triplets
+    assert [t["d_left"] for t in first["triplets"]] != [t["d_left"] for t in second["triplets"]]  # own numbers
+    folders = {p.name: p for p in adv.iterdir()}
+    assert len(folders) == 2  # one --save-adv folder per model, named after its --model text
+    for name, entry in ((str(model_args[1]), first), (str(second_vit), second)):
+        own = next(folder for key, folder in folders.items() if key.endswith(Path(name).name))
+        # the first radius attacks exactly the triplets the model gets right: one PNG each, in its own folder
+        right = {t["id"] for t in entry["triplets"] if t["clean_correct"]}
+        assert right and {p.stem for p in (own / "0.1_255").glob("*.png")} == right
+        assert name in result.stdout
+
+
+def test_same_model_twice_is_evaluated_once(nights, model_args, tmp_path):
+    models_file = tmp_path / "models.txt"
+    models_file.write_text(f"# a comment\n{model_args[1]}\n")
+    out = tmp_path / "r.json"
+    result = run("eval-2afc", "--dataset", "nights", "--root", nights, "--out", out, *model_args,
+                 "--model", model_args[1], "--models-file", models_file)
+    assert result.exit_code == 0, result.output
+    assert f"{model_args[1]} given 3 times; evaluated once" in result.stderr
+    assert "resumed" not in result.stderr  # nothing was resumed
+    doc = json.loads(out.read_text())
+    assert list(doc["models"]) == [str(model_args[1])] and doc["model_options"]["models"] == [str(model_args[1])]
+    assert result.stdout.count(str(model_args[1])) == 1  # one table row
+    twice = run("eval-2afc", "--dataset", "nights", "--root", nights, "--json", *model_args, "-m", model_args[1])
+    assert "given twice; evaluated once" in twice.stderr and len(json.loads(twice.stdout)["models"]) == 1
 
 
 def test_things_refuses_attack_and_json_summary(tmp_path, model_args):
@@ -238,26 +286,34 @@ def test_things_hebart_format_with_image_list(tmp_path, model_args):
     assert overall["n"] == 2 and 0.0 <= overall["clean"] <= 1.0
 
 
-def test_low_precision_only_breaks_are_noted(tmp_path, model_args, monkeypatch):
+def test_fp32_confirmations_are_counted_and_noted(tmp_path, model_args, monkeypatch):
+    import torch
+
     from percept_cli.evaluation import twoafc
 
     real = twoafc.attack_2afc_embedded
 
-    def flagging(*args, **kwargs):  # pretend the autocast attack broke every point the fp32 check held
+    def flagging(*args, **kwargs):  # pretend: every attacked triplet needed a check, fp32 refused one where it held
         report = real(*args, **kwargs)
-        report.broken_low_precision_only = report.robust_correct.clone()
+        report.fp32_checked = torch.ones_like(report.robust_correct)
+        report.fp32_rejected = report.robust_correct.clone()
         return report
 
     monkeypatch.setattr(twoafc, "attack_2afc_embedded", flagging)
     table = sd.make_custom(tmp_path / "c", labels=("left", "right", "left", "right"))
     args = ["eval-2afc", "--dataset", "custom", "--root", table, "--attack", "l2", "--eps", "0.001", "--iters", "1",
-            *model_args]
+            "--dtype", "bf16", *model_args]
     result = run(*args, "--json")
-    overall = json.loads(result.stdout)["models"][str(model_args[1])]["summary"]["overall"]
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    overall = doc["models"][str(model_args[1])]["summary"]["overall"]
+    attacked = round(overall["clean"] * overall["n"])  # clean-correct triplets: the ones the attack ran on
     held = round(overall["robust"][0] * overall["n_attacked"])
-    assert held > 0 and overall["low_precision_only"] == [held]
+    assert doc["attack"]["autocast"] == "bf16" and 0 < held <= attacked
+    assert overall["fp32_checked"] == [attacked] and overall["fp32_rejected"] == [held]
     shown = run(*args)
-    assert f"{held} triplet-radius pair(s) broken only" in shown.stdout
+    assert (f"bf16 autocast: a claimed break counts only once fp32 confirms it; {attacked} triplet-radius pair(s) "
+            f"needed that check, and in {held} fp32 rejected a claim") in " ".join(shown.stdout.split())
 
 
 def test_all_bad_images_listed_before_model_work_then_skipped(tmp_path, model_args, empty_offline_hub):

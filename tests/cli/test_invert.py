@@ -76,3 +76,24 @@ def test_skip_bad_with_an_unreadable_image_exits_2_before_model_work(tmp_path, e
     assert result.exit_code == 2, result.output
     assert "broken.png" in result.output and "nothing is left to invert" in result.output
     assert not (tmp_path / "inv").exists()
+
+
+def test_similarities_printed_when_the_pngs_cannot_be_written(model_args, tmp_path, monkeypatch):
+    import errno
+
+    import percept_cli.io.outputs as outputs
+
+    def disk_full(path, pixels):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(outputs, "save_png", disk_full)
+    out = tmp_path / "inv"
+    result = run("invert", "--text", "a cat", "--seeds", "0,1", "--grid", "--out", out, "--json", *model_args)
+    assert result.exit_code == 1
+    doc, _ = json.JSONDecoder().raw_decode(result.stdout.lstrip())  # the document comes first
+    assert [o["path"] for o in doc["outputs"]] == [None, None] and doc["grid"] is None
+    assert all(-1 <= o["similarity"] <= 1 for o in doc["outputs"])
+    assert [(f["option"], f["path"]) for f in doc["not_written"]] == [
+        ("--out", str(out / "a-cat_seed0.png")), ("--out", str(out / "a-cat_seed1.png")),
+        ("--grid", str(out / "a-cat_grid.png"))]
+    assert f"could not write --out {out / 'a-cat_seed0.png'}" in result.stderr

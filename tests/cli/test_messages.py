@@ -220,13 +220,33 @@ def test_attack_embed_json_has_no_2afc_settings(tiny_vit, image_dir):
 
 
 def test_attack_2afc_tie_is_called_a_tie(tiny_vit, image_dir):
-    # both candidates are the same picture: sim(ref, left) == sim(ref, right) exactly, no clean decision
+    # both candidates are the same picture: sim(ref, left) == sim(ref, right) exactly. The paper authors'
+    # rule pred = (sim_right > sim_left) picks left on a tie, so the model's own label is left and correct,
+    # and no perturbation of the reference can ever separate two identical candidates
     shutil.copy(image_dir / "b.png", image_dir / "b-copy.png")
-    result = run("attack", "2afc", "--ref", image_dir / "a.png", "--left", image_dir / "b.png",
-                 "--right", image_dir / "b-copy.png", "--iters", "2", "--model", tiny_vit[0], "--device", "cpu")
+    args = ["attack", "2afc", "--ref", image_dir / "a.png", "--left", image_dir / "b.png",
+            "--right", image_dir / "b-copy.png", "--iters", "2", "--model", tiny_vit[0], "--device", "cpu"]
+    result = run(*args)
     assert result.exit_code == 0, result.output
-    assert "tie" in result.stdout and "already wrong" not in result.stdout
-    assert "label: left (model's clean decision)" not in result.stdout
+    assert "the clean similarities tie, and a tie picks the left candidate" in result.stdout
+    assert "label: left (model's clean decision" in result.stdout and "decision held" in result.stdout
+    doc = json.loads(run(*args, "--json").stdout)
+    assert doc["clean"]["tie"] is True and doc["clean"]["sim_left"] == doc["clean"]["sim_right"]
+    assert doc["clean"]["decision"] == doc["adversarial"]["decision"] == doc["label"] == "left"
+    assert doc["clean_correct"] is True and doc["flipped"] is False
+    given_right = run(*args, "--label", "right")  # a tie against a right label is wrong before any attack
+    assert "label: right (given)" in given_right.stdout
+    assert "already wrong before the attack (a tie picks the left candidate)" in given_right.stdout
+
+
+@pytest.mark.parametrize("path", [["attack", "2afc"], ["attack", "embed"], ["distance"], ["embed"], ["invert"],
+                                  ["eval-2afc"]], ids=" ".join)
+def test_every_dtype_option_has_the_one_help_text(path):
+    from percept_cli.cli.options import DTYPE_HELP
+
+    text = run(*path, "--help", env={"COLUMNS": "100"}).stdout
+    flat = " ".join(text.replace("\u2502", " ").split())  # the panel's borders and line breaks removed
+    assert " ".join(DTYPE_HELP.split()) in flat
 
 
 def test_square_finding_nothing_is_reported(tiny_vit, image_dir):

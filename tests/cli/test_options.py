@@ -58,3 +58,23 @@ def test_eps_above_32_over_255_warns_on_stderr_before_any_work(tmp_path):
     quiet = run("eval-2afc", "--dataset", "nights", "--root", missing, "--attack", "linf", "--eps", "32/255",
                 "--model", tmp_path / "no-such-model", "--device", "cpu")
     assert quiet.exit_code == 2 and "warning" not in quiet.stderr
+
+
+def test_dtype_is_the_weights_for_embedding_and_the_autocast_for_attacks(image_dir, tiny_vit):
+    a, b, c = (image_dir / f"{n}.png" for n in "abc")
+    common = ["--model", tiny_vit[0], "--device", "cpu", "--dtype", "bf16", "--json"]
+
+    def doc(*args):
+        result = run(*args, *common)
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout)
+
+    assert doc("distance", a, b)["dtype"] == "bf16"  # plain embedding: bf16 weights
+    robust = doc("distance", a, b, "--robust", "2/255", "--iters", "2")
+    assert robust["dtype"] == "fp32" and robust["robust"]["autocast"] == "bf16"
+    two_afc = doc("attack", "2afc", "--ref", a, "--left", b, "--right", c, "--iters", "2")
+    assert two_afc["dtype"] == "fp32" and two_afc["threat"]["autocast"] == "bf16"
+    # a bf16 attack reports whether it needed fp32 to confirm (or reject) a claimed flip
+    assert isinstance(two_afc["fp32_checked"], bool) and isinstance(two_afc["fp32_rejected"], bool)
+    embedding = doc("attack", "embed", a, "--untargeted", "--iters", "2")
+    assert embedding["dtype"] == "fp32" and embedding["threat"]["autocast"] == "bf16"

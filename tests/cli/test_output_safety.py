@@ -266,11 +266,10 @@ def test_interrupted_says_how_to_resume(tmp_path, tiny_vit, monkeypatch):
 def test_wall_time_after_resume_counts_both_parts(tmp_path, tiny_vit, monkeypatch):
     from types import SimpleNamespace
 
-    from percept_cli.cli import eval_2afc
-    from percept_cli.evaluation import twoafc
+    from percept_cli.evaluation import runner, twoafc
 
     clock = {"t": 1000.0}
-    monkeypatch.setattr(eval_2afc, "time", SimpleNamespace(monotonic=lambda: clock["t"]))
+    monkeypatch.setattr(runner, "time", SimpleNamespace(monotonic=lambda: clock["t"]))
     real = twoafc.evaluate_model
 
     def killed_after_100s(metric, index, plan, records, dist, progress=None, flush=None):

@@ -22,7 +22,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .core import AttackResult, loss_and_grad, with_restarts
+from .core import AttackResult, Tracker, bcast, loss_and_grad, with_restarts
 from .threat import ascent_direction, project
 
 MOMENTUM = 0.75
@@ -68,28 +68,48 @@ def halve_step(increases: torch.Tensor, length: int, reduced_last: torch.Tensor,
 
 
 class _State:
-    """Per-example optimiser state for the examples still being attacked (rows aligned)."""
+    """APGD's optimiser state for the examples still attacked (rows aligned); ``index`` holds their
+    rows in the run, and the best points and successes live in the run's :class:`Tracker`."""
 
-    def __init__(self, x, index, x_adv, loss, broken, grad, eps, step):
-        self.x, self.index = x, index
-        self.x_adv, self.x_prev, self.grad = x_adv, x_adv.clone(), grad
-        self.loss = loss
-        self.x_best, self.loss_best, self.grad_best = x_adv.clone(), loss.clone(), grad.clone()
+    def __init__(self, x, x_adv, loss, grad, tracker: Tracker, eps, step=None):
+        self.x, self.tracker = x, tracker
+        self.index = torch.arange(x.shape[0], device=x.device)
+        self.x_adv, self.x_prev, self.grad, self.loss = x_adv, x_adv, grad, loss
+        self.grad_best = grad.clone()
         self.step = torch.full_like(loss, 2.0 * eps if step is None else step)
         self.count = torch.zeros_like(loss)
-        self.loss_best_ckpt = loss.clone()
+        self.loss_best_ckpt = tracker.loss_best[self.index]
         self.reduced_ckpt = torch.ones_like(loss, dtype=torch.bool)
-        self.ever = broken.clone() if broken is not None else None
-        self.x_succ = x_adv.clone()
+
+    @property
+    def x_best(self) -> torch.Tensor:
+        return self.tracker.x_best[self.index]
+
+    @property
+    def loss_best(self) -> torch.Tensor:
+        return self.tracker.loss_best[self.index]
 
     def keep(self, mask: torch.Tensor) -> None:
         for name, value in vars(self).items():
             if isinstance(value, torch.Tensor):
                 setattr(self, name, value[mask])
 
+    def drop_broken(self) -> None:
+        """Early stopping: the examples whose success is confirmed leave the batch."""
+        if self.tracker.ever is not None:
+            broken = self.tracker.ever[self.index]
+            if bool(broken.any()):
+                self.keep(~broken)
 
-def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return v.view(-1, *([1] * (like.dim() - 1)))
+
+def _step(s: _State, k: int, eps: float, norm: str) -> None:
+    """Iteration k's move: a step of size ``s.step`` along the ascent direction, with momentum from k=1."""
+    z = project(s.x_adv + bcast(s.step, s.x_adv) * ascent_direction(s.grad, norm), s.x, eps, norm)
+    if k == 0:
+        x_new = z
+    else:
+        x_new = project(s.x_adv + MOMENTUM * (z - s.x_adv) + (1 - MOMENTUM) * (s.x_adv - s.x_prev), s.x, eps, norm)
+    s.x_prev, s.x_adv = s.x_adv, x_new
 
 
 def apgd_run(objective, x: torch.Tensor, index: torch.Tensor, x_init: torch.Tensor, eps: float, norm: str,
@@ -99,52 +119,29 @@ def apgd_run(objective, x: torch.Tensor, index: torch.Tensor, x_init: torch.Tens
     """One APGD run from ``x_init`` on the examples ``index`` (rows of ``x``).
 
     Returns per example the latest successful point if the objective has a success notion and
-    one was found, else the point of highest loss. ``step_size`` overrides the initial 2·eps;
+    one was found, else the point of highest loss (see :class:`Tracker`; under autocast, successes
+    are confirmed in fp32). ``step_size`` overrides the initial 2·eps;
     ``monitor(k, x_best, loss_best)`` is called after iteration k (rows = examples still attacked).
     """
-    loss, broken, grad = loss_and_grad(objective, x_init, index, autocast_dtype)
-    s = _State(x, torch.arange(x.shape[0], device=x.device), x_init.clone(), loss, broken, grad, eps, step_size)
-    out_x, out_loss = x_init.clone(), loss.clone()
-    out_broken = broken.clone() if broken is not None else None
+    loss, claimed, grad = loss_and_grad(objective, x_init, index, autocast_dtype)
+    tracker = Tracker(objective, index, x_init, loss, claimed, autocast_dtype)
+    s = _State(x, x_init, loss, grad, tracker, eps, step_size)
     evaluations = x.shape[0]
     marks, last_mark = set(checkpoints(n_iter)), 0
-
-    def flush(rows: torch.Tensor) -> None:
-        local = s.index[rows]
-        if s.ever is not None:
-            out_broken[local] = s.ever[rows]
-            chosen = torch.where(_bcast(s.ever[rows], s.x_best), s.x_succ[rows], s.x_best[rows])
-        else:
-            chosen = s.x_best[rows]
-        out_x[local] = chosen
-        out_loss[local] = s.loss_best[rows]
-
-    if early_stop and s.ever is not None and bool(s.ever.any()):
-        flush(s.ever)
-        s.keep(~s.ever)
+    if early_stop:
+        s.drop_broken()
     for k in range(n_iter):
         if s.x.shape[0] == 0:
             break
         with torch.no_grad():
-            z = project(s.x_adv + _bcast(s.step, s.x_adv) * ascent_direction(s.grad, norm), s.x, eps, norm)
-            if k == 0:
-                x_new = z
-            else:
-                x_new = project(s.x_adv + MOMENTUM * (z - s.x_adv) + (1 - MOMENTUM) * (s.x_adv - s.x_prev),
-                                s.x, eps, norm)
-            s.x_prev, s.x_adv = s.x_adv, x_new
-        loss, broken, s.grad = loss_and_grad(objective, s.x_adv, index[s.index], autocast_dtype)
+            _step(s, k, eps, norm)
+        loss, claimed, s.grad = loss_and_grad(objective, s.x_adv, index[s.index], autocast_dtype)
         evaluations += s.x.shape[0]
         with torch.no_grad():
             s.count += (loss > s.loss).float()
             s.loss = loss
-            better = loss > s.loss_best
-            s.loss_best = torch.where(better, loss, s.loss_best)
-            s.x_best = torch.where(_bcast(better, s.x_adv), s.x_adv, s.x_best)
-            s.grad_best = torch.where(_bcast(better, s.grad), s.grad, s.grad_best)
-            if s.ever is not None:
-                s.x_succ = torch.where(_bcast(broken, s.x_adv), s.x_adv, s.x_succ)
-                s.ever |= broken
+            improved, _ = tracker.update(s.index, s.x_adv, loss, claimed)
+            s.grad_best = torch.where(bcast(improved, s.grad), s.grad, s.grad_best)
             if (k + 1) in marks:
                 _checkpoint(s, k + 1 - last_mark)
                 last_mark = k + 1
@@ -152,12 +149,9 @@ def apgd_run(objective, x: torch.Tensor, index: torch.Tensor, x_init: torch.Tens
             progress(1)
         if monitor is not None:
             monitor(k + 1, s.x_best, s.loss_best)
-        if early_stop and s.ever is not None and bool(s.ever.any()):
-            flush(s.ever)
-            s.keep(~s.ever)
-    if s.x.shape[0]:
-        flush(torch.ones_like(s.loss, dtype=torch.bool))
-    return AttackResult(out_x, out_loss, out_broken, evaluations)
+        if early_stop:
+            s.drop_broken()
+    return tracker.result(evaluations)
 
 
 def _checkpoint(s: _State, length: int) -> None:
@@ -167,13 +161,14 @@ def _checkpoint(s: _State, length: int) -> None:
     before the restart, as in auto-attack; the momentum term then points from the iterate before
     that one to the best point.
     """
-    reduce = halve_step(s.count, length, s.reduced_ckpt, s.loss_best, s.loss_best_ckpt)
+    loss_best = s.loss_best
+    reduce = halve_step(s.count, length, s.reduced_ckpt, loss_best, s.loss_best_ckpt)
     s.step = torch.where(reduce, s.step / 2, s.step)
-    mask = _bcast(reduce, s.x_adv)
+    mask = bcast(reduce, s.x_adv)
     s.x_adv = torch.where(mask, s.x_best, s.x_adv)
     s.grad = torch.where(mask, s.grad_best, s.grad)
     s.reduced_ckpt = reduce
-    s.loss_best_ckpt = s.loss_best.clone()
+    s.loss_best_ckpt = loss_best
     s.count.zero_()
 
 

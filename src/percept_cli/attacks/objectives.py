@@ -15,6 +15,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from ..decision import is_correct
+
 Encoder = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -25,7 +27,9 @@ def twoafc_logits(emb: torch.Tensor, left: torch.Tensor, right: torch.Tensor) ->
 
 
 def twoafc_margin(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-    """Similarity of the wrong candidate minus that of the right one; >= 0 means the decision is lost."""
+    """Similarity of the wrong candidate minus that of the right one (the margin loss, and how far a
+    decision is from flipping). > 0: the decision is lost; at 0 (a tie) it is lost only for label 1,
+    as a tie picks the left candidate (:mod:`percept_cli.decision`)."""
     correct = logits.gather(1, label[:, None]).squeeze(1)
     wrong = logits.gather(1, (1 - label)[:, None]).squeeze(1)
     return wrong - correct
@@ -88,7 +92,8 @@ class Objective:
 
 
 class TwoAFCObjective(Objective):
-    """Attack the reference of a 2AFC triplet; success = the decision no longer matches ``label``.
+    """Attack the reference of a 2AFC triplet; success = the decision no longer matches ``label``
+    (:func:`percept_cli.decision.is_correct`: a tie picks the left candidate).
 
     Args:
         left, right: normalised candidate embeddings (B, D), computed once without gradient.
@@ -107,7 +112,7 @@ class TwoAFCObjective(Objective):
     def score(self, emb, index):
         logits = twoafc_logits(emb, self.left[index], self.right[index])
         label = self.label[index]
-        return self.loss_fn(logits, label), twoafc_margin(logits, label) >= 0
+        return self.loss_fn(logits, label), ~is_correct(logits[:, 0], logits[:, 1], label)
 
 
 class UntargetedEmbeddingObjective(Objective):

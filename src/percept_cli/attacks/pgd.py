@@ -7,7 +7,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .core import AttackResult, loss_and_grad, with_restarts
+from .core import AttackResult, Tracker, loss_and_grad, with_restarts
 from .threat import ascent_direction, project
 
 
@@ -18,28 +18,21 @@ def default_step(eps: float, n_iter: int) -> float:
 
 def pgd_run(objective, x, index, x_init, eps, norm, n_iter, step_size, *, autocast_dtype=None,
             progress: Optional[Callable[[int], None]] = None) -> AttackResult:
-    """One PGD run; keeps per example the latest successful point, else the highest-loss point."""
-    x_adv = x_init.clone()
-    loss, broken, grad = loss_and_grad(objective, x_adv, index, autocast_dtype)
-    best_x, best_loss = x_adv.clone(), loss.clone()
-    ever = broken.clone() if broken is not None else None
-    succ_x = x_adv.clone()
-    view = (-1, *([1] * (x.dim() - 1)))
+    """One PGD run; keeps per example the latest successful point, else the highest-loss point
+    (under autocast, successes confirmed in fp32: see :class:`Tracker`)."""
+    x_adv = x_init
+    loss, claimed, grad = loss_and_grad(objective, x_adv, index, autocast_dtype)
+    tracker = Tracker(objective, index, x_adv, loss, claimed, autocast_dtype)
+    rows = torch.arange(x.shape[0], device=x.device)
     for _ in range(n_iter):
         with torch.no_grad():
             x_adv = project(x_adv + step_size * ascent_direction(grad, norm), x, eps, norm)
-        loss, broken, grad = loss_and_grad(objective, x_adv, index, autocast_dtype)
+        loss, claimed, grad = loss_and_grad(objective, x_adv, index, autocast_dtype)
         with torch.no_grad():
-            better = loss > best_loss
-            best_loss = torch.where(better, loss, best_loss)
-            best_x = torch.where(better.view(view), x_adv, best_x)
-            if ever is not None:
-                succ_x = torch.where(broken.view(view), x_adv, succ_x)
-                ever |= broken
+            tracker.update(rows, x_adv, loss, claimed)
         if progress is not None:
             progress(1)
-    out = best_x if ever is None else torch.where(ever.view(view), succ_x, best_x)
-    return AttackResult(out, best_loss, ever, x.shape[0] * (n_iter + 1))
+    return tracker.result(x.shape[0] * (n_iter + 1))
 
 
 def pgd(objective, x: torch.Tensor, eps: float, norm: str = "linf", n_iter: int = 100, *,

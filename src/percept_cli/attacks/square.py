@@ -22,7 +22,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .core import AttackResult, evaluate
+from .core import AttackResult, Tracker, bcast, evaluate
 from .threat import lp_norm, project
 
 P_INIT = {"linf": 0.05, "l2": 0.1}
@@ -92,7 +92,7 @@ def _init_l2(x, eps, generator):
     for top in range(0, height - tile + 1, tile):
         for left in range(0, width - tile + 1, tile):
             delta[:, :, top:top + tile, left:left + tile] = eta * _signs((b, ch, 1, 1), generator, x.device)
-    delta = delta * (eps / (lp_norm(delta, "l2") + _TINY)).view(-1, 1, 1, 1)
+    delta = delta * bcast(eps / (lp_norm(delta, "l2") + _TINY), delta)
     return project(x + delta, x, eps, "l2")
 
 
@@ -115,10 +115,16 @@ def _propose_l2(x, x_adv, eps, size, generator):
     in_w1 = nu * m1f
     w1_norm = in_w1.pow(2).sum((2, 3), keepdim=True).sqrt()
     temp = (_signs((n, ch, 1, 1), generator, x.device) * eta + in_w1 / (w1_norm + _TINY)) * m1f
-    available = (nu * union).pow(2).sum((2, 3), keepdim=True) + unused.view(-1, 1, 1, 1) / ch
+    available = (nu * union).pow(2).sum((2, 3), keepdim=True) + bcast(unused, nu) / ch
     temp_norm = temp.pow(2).sum((2, 3), keepdim=True).sqrt()
     nu_new = nu * (1 - union) + temp / (temp_norm + _TINY) * available.sqrt()
     return project(x + nu_new, x, eps, "l2")
+
+
+def _window_side(p_init: float, query: int, n_queries: int, height: int, width: int, norm: str) -> int:
+    """The side of query ``query``'s square window: at least 1 (l_inf) or 3 (l2), below the image side."""
+    size = int(round(math.sqrt(window_fraction(p_init, query, n_queries) * height * width)))
+    return min(max(size, 1 if norm == "linf" else 3), min(height, width) - 1)
 
 
 @torch.no_grad()
@@ -128,34 +134,30 @@ def square(objective, x: torch.Tensor, eps: float, norm: str = "linf", n_queries
     """Square Attack on a batch ``x`` (B,C,H,W) in [0,1]; ``n_queries`` loss evaluations per example.
 
     ``p_init``: the window's initial fraction of the image (None: ``P_INIT[norm]``, the Square
-    paper's ImageNet values). Points already broken stop querying when ``early_stop`` (the
-    default: it is a success attack). Returns an :class:`AttackResult` (``evaluations`` counts
-    the initial evaluation and every query).
+    paper's ImageNet values). Each query changes the current point, the best one so far, and is
+    kept if the loss goes up. Points already broken stop querying when ``early_stop`` (the
+    default: it is a success attack); under autocast a success counts once fp32 confirms it (see
+    :class:`Tracker`). Returns an :class:`AttackResult` (``evaluations`` counts the initial
+    evaluation and every query).
     """
     generator = torch.Generator(device=x.device).manual_seed(int(seed))
     p_init = P_INIT[norm] if p_init is None else p_init
     height, width = x.shape[-2:]
-    index_all = torch.arange(x.shape[0], device=x.device)
+    everyone = torch.arange(x.shape[0], device=x.device)
     x_adv = _init_linf(x, eps, generator) if norm == "linf" else _init_l2(x, eps, generator)
-    loss, broken = evaluate(objective, x_adv, index_all, autocast_dtype)
+    loss, claimed = evaluate(objective, x_adv, everyone, autocast_dtype)
+    tracker = Tracker(objective, everyone, x_adv, loss, claimed, autocast_dtype)
     evaluations = x.shape[0]
     propose = _propose_linf if norm == "linf" else _propose_l2
     for query in range(n_queries):
-        active = (~broken).nonzero().flatten() if (broken is not None and early_stop) else index_all
+        active = everyone if (tracker.ever is None or not early_stop) else (~tracker.ever).nonzero().flatten()
         if active.numel() == 0:
             break
-        frac = window_fraction(p_init, query, n_queries)
-        size = int(round(math.sqrt(frac * height * width)))
-        size = min(max(size, 1 if norm == "linf" else 3), min(height, width) - 1)
-        candidate = propose(x[active], x_adv[active], eps, size, generator)
-        new_loss, new_broken = evaluate(objective, candidate, active, autocast_dtype)
+        size = _window_side(p_init, query, n_queries, height, width, norm)
+        candidate = propose(x[active], tracker.x_best[active], eps, size, generator)
+        new_loss, claimed = evaluate(objective, candidate, active, autocast_dtype)
+        tracker.update(active, candidate, new_loss, claimed)
         evaluations += active.numel()
-        accept = new_loss > loss[active]
-        if new_broken is not None:
-            accept |= new_broken & ~broken[active]
-            broken[active] = torch.where(accept, new_broken, broken[active])
-        loss[active] = torch.where(accept, new_loss, loss[active])
-        x_adv[active] = torch.where(accept.view(-1, 1, 1, 1), candidate, x_adv[active])
         if progress is not None:
             progress(1)
-    return AttackResult(x_adv, loss, broken, evaluations)
+    return tracker.result(evaluations)

@@ -13,65 +13,22 @@ from typing import Callable, Optional
 
 import torch
 
+from ..decision import decision, is_correct
 from ..errors import BadInputError
 from ..metric import embedding_distance, embedding_distance_matrix
 from .apgd import apgd
-from .core import evaluate
+from .core import AttackResult, bcast, evaluate
 from .inputs import embedding_batch, label_batch, pixel_batch, same_batch
-from .objectives import (TWOAFC_LOSSES, DistanceObjective, TargetedEmbeddingObjective, TwoAFCObjective,
-                         UntargetedEmbeddingObjective, twoafc_logits, twoafc_margin)
+from .objectives import (DistanceObjective, TargetedEmbeddingObjective, TwoAFCObjective, UntargetedEmbeddingObjective,
+                         twoafc_logits, twoafc_margin)
+from .settings import SQUARE_P_INIT, SQUARE_QUERIES, AttackSettings
 from .square import square
-from .threat import check_radius, lp_norm, parse_eps, parse_norm, quantize_into_ball
+from .threat import lp_norm, quantize_into_ball
 
-# The paper's gradient-masking check: Square Attack with margin loss, p_init 0.8, 5,000 queries
-# (auto-attack's settings), on the points APGD left unbroken.
-SQUARE_QUERIES = 5000
-SQUARE_P_INIT = 0.8
+__all__ = ["SQUARE_P_INIT", "SQUARE_QUERIES", "AttackSettings", "TwoAFCReport", "EmbeddingReport", "DistanceInterval",
+           "RoundedAdversarial", "attack_2afc", "attack_2afc_embedded", "attack_embedding", "distance_interval",
+           "rounded_2afc", "rounded_embedding", "save_ready"]
 
-
-@dataclass
-class AttackSettings:
-    """One threat model and attack budget.
-
-    ``norm``: "linf" or "l2" (spellings such as "Linf", "l_inf", "inf", "L2" are normalised; anything
-    else raises). ``eps``: a number or text such as "4/255". An l_inf ``eps`` above 1 (the whole pixel
-    range, usually a forgotten /255) raises unless ``force=True``.
-    ``autocast_dtype`` (e.g. torch.bfloat16 on a GPU) speeds up the attack's forward/backward;
-    ``square_queries`` > 0 runs Square Attack (margin loss, window fraction ``square_p_init``) with
-    that many queries on the points APGD left unbroken; the paper's check is
-    ``square_queries=SQUARE_QUERIES`` (5000) with the default ``square_p_init`` 0.8.
-
-    Raises:
-        BadInputError: an unknown norm or loss, a malformed or non-positive eps, an l_inf eps > 1
-            without ``force``, iters/restarts below 1, or bad Square settings; the message names the field.
-    """
-
-    norm: str = "linf"
-    eps: float = 4 / 255
-    iters: int = 100
-    restarts: int = 1
-    random_start: bool = True
-    seed: int = 0
-    loss: str = "ce"
-    autocast_dtype: Optional[torch.dtype] = None
-    square_queries: int = 0
-    square_p_init: float = SQUARE_P_INIT
-    force: bool = False
-
-    def __post_init__(self):
-        self.norm = parse_norm(self.norm)
-        self.eps = parse_eps(self.eps)
-        check_radius(self.eps, self.norm, force=self.force)
-        for name in ("iters", "restarts", "square_queries"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "square_queries" else 1):
-                raise BadInputError(f"{name} must be an integer of at least {0 if name == 'square_queries' else 1}; "
-                                    f"got {value!r}.")
-        if not isinstance(self.loss, str) or self.loss.strip().lower() not in TWOAFC_LOSSES:
-            raise BadInputError(f"loss must be one of {', '.join(TWOAFC_LOSSES)}; got {self.loss!r}.")
-        self.loss = self.loss.strip().lower()
-        if not isinstance(self.square_p_init, (int, float)) or not 0 < self.square_p_init <= 1:
-            raise BadInputError(f"square_p_init must be in (0, 1]; got {self.square_p_init!r}.")
 
 
 def _embed_fixed(metric, pixels: torch.Tensor) -> torch.Tensor:
@@ -84,9 +41,10 @@ def _embed_fixed(metric, pixels: torch.Tensor) -> torch.Tensor:
 class TwoAFCReport:
     """Per-triplet outcome of an attack on the reference image (all tensors have batch size B).
 
-    ``robust_correct`` is the fp32 verdict. ``broken_low_precision_only`` marks triplets the attack
-    broke by its own (autocast, e.g. bf16) measurement but the fp32 re-check did not: they count as
-    robust, so a bf16 attack can understate the attack's strength (all False for fp32 attacks).
+    ``robust_correct`` is the fp32 verdict. ``fp32_checked`` marks triplets for which a low-precision
+    (autocast) attack claimed a success at least once, so an fp32 forward had to confirm it;
+    ``fp32_rejected`` those where fp32 rejected at least one such claim (the attack then went on).
+    Both come from APGD and, if it ran, Square Attack (OR-ed), and are None for fp32 attacks.
     """
 
     label: torch.Tensor
@@ -98,23 +56,19 @@ class TwoAFCReport:
     perturbation_norm: torch.Tensor
     found_by_square: Optional[torch.Tensor] = None
     evaluations: int = 0
-    broken_low_precision_only: Optional[torch.Tensor] = None
+    fp32_checked: Optional[torch.Tensor] = None
+    fp32_rejected: Optional[torch.Tensor] = None
 
     @property
     def flipped(self) -> torch.Tensor:
         """The model's decision after the attack differs from its clean decision."""
-        return _decision(self.adv_similarity) != _decision(self.clean_similarity)
+        clean, adv = self.clean_similarity, self.adv_similarity
+        return decision(adv[:, 0], adv[:, 1]) != decision(clean[:, 0], clean[:, 1])
 
     @property
     def margin(self) -> torch.Tensor:
-        """sim(correct) - sim(wrong) after the attack; > 0 means still correct."""
-        s = self.adv_similarity
-        return torch.where(self.label == 0, s[:, 0] - s[:, 1], s[:, 1] - s[:, 0])
-
-
-def _decision(similarity: torch.Tensor) -> torch.Tensor:
-    """0 = left is more similar, 1 = right (ties go left)."""
-    return (similarity[:, 1] > similarity[:, 0]).long()
+        """sim(correct) - sim(wrong) after the attack; > 0 means still correct (at 0, correct iff label 0)."""
+        return -twoafc_margin(self.adv_similarity, self.label)
 
 
 def attack_2afc(metric, ref: torch.Tensor, left: torch.Tensor, right: torch.Tensor,
@@ -149,6 +103,7 @@ def attack_2afc_embedded(metric, ref: torch.Tensor, e_left: torch.Tensor, e_righ
     ``example_ids`` seed each triplet's random start on its own, so a triplet's outcome does not
     depend on the batch it is attacked in. ``e_ref``: the clean reference embeddings, if known.
     ``check=False`` skips the value checks of ``ref`` and ``label`` (callers that made them already).
+    Decisions follow :mod:`percept_cli.decision` (a tie picks the left candidate).
 
     Raises:
         BadInputError: as :func:`attack_2afc`, for ``ref``, ``e_left``, ``e_right``, ``label``,
@@ -165,56 +120,53 @@ def attack_2afc_embedded(metric, ref: torch.Tensor, e_left: torch.Tensor, e_righ
     ref, e_left, e_right = ref.to(device), e_left.to(device), e_right.to(device)
     e_ref = _embed_fixed(metric, ref) if e_ref is None else e_ref.to(device)
     clean_sim = twoafc_logits(e_ref, e_left, e_right)
-    label = _decision(clean_sim) if label is None else label.to(device).long()
+    label = decision(clean_sim[:, 0], clean_sim[:, 1]) if label is None else label.to(device).long()
     objective = TwoAFCObjective(metric.encoder, e_left, e_right, label, settings.loss)
     result = apgd(objective, ref, settings.eps, settings.norm, settings.iters, restarts=settings.restarts,
                   random_start=settings.random_start, seed=settings.seed, early_stop=early_stop,
                   autocast_dtype=settings.autocast_dtype, progress=progress, example_ids=example_ids)
-    x_adv, evaluations = result.x_adv, result.evaluations
-    attack_said = result.broken.clone()  # the attack's own (possibly autocast) success flags
-    everyone = torch.arange(len(ref), device=device)
+    x_adv = result.x_adv
     with torch.no_grad():  # the fp32 verdict, and the similarities it rests on, from one forward pass
         e_adv = objective.embed(x_adv)
-    _, broken = objective.score(e_adv, everyone)
+    _, broken = objective.score(e_adv, torch.arange(len(ref), device=device))
     found_by_square = None
     if settings.square_queries > 0:
-        found_by_square, evaluations = _square_check(metric, ref, e_left, e_right, label, settings, broken, x_adv,
-                                                     e_adv, attack_said, evaluations)
+        found_by_square = _square_check(objective, ref, settings, broken, x_adv, e_adv, result)
         broken = broken | found_by_square
-    adv_sim = twoafc_logits(e_adv, e_left, e_right)
-    clean_correct = twoafc_margin(clean_sim, label) < 0
-    low_only = attack_said & ~broken
-    if settings.autocast_dtype in (None, torch.float32):
-        low_only = torch.zeros_like(broken)
-    return TwoAFCReport(label, clean_sim, adv_sim, clean_correct, ~broken & clean_correct, x_adv,
-                        lp_norm(x_adv - ref, settings.norm), found_by_square, evaluations, low_only)
+    clean_correct = is_correct(clean_sim[:, 0], clean_sim[:, 1], label)
+    return TwoAFCReport(label, clean_sim, twoafc_logits(e_adv, e_left, e_right), clean_correct,
+                        ~broken & clean_correct, x_adv, lp_norm(x_adv - ref, settings.norm), found_by_square,
+                        result.evaluations, result.fp32_checked, result.fp32_rejected)
 
 
-def _square_check(metric, ref, e_left, e_right, label, settings: AttackSettings, broken, x_adv, e_adv,
-                  attack_said, evaluations: int):
-    """Square Attack (margin loss) on the points not broken in fp32; fp32-confirmed hits go into
-    ``x_adv``/``e_adv`` in place, Square's own flags into ``attack_said``.
+def _square_check(objective: TwoAFCObjective, ref, settings: AttackSettings, broken, x_adv, e_adv,
+                  result: AttackResult) -> torch.Tensor:
+    """Square Attack (margin loss) on the points not broken in fp32. Its fp32-verdict hits go into
+    ``x_adv``/``e_adv`` in place; its evaluations and fp32 flags are added to APGD's ``result``.
 
     Returns:
-        (found_by_square (B,) bool, evaluations including Square's).
+        found_by_square (B,) bool.
     """
-    margin_objective = TwoAFCObjective(metric.encoder, e_left, e_right, label, "margin")
+    margin_objective = TwoAFCObjective(objective.encoder, objective.left, objective.right, objective.label, "margin")
     remaining = (~broken).nonzero().flatten()
     found_by_square = torch.zeros_like(broken)
     if remaining.numel() == 0:
-        return found_by_square, evaluations
+        return found_by_square
     subset = _Subset(margin_objective, remaining)
     sq = square(subset, ref[remaining], settings.eps, settings.norm, settings.square_queries,
                 p_init=settings.square_p_init, seed=settings.seed, autocast_dtype=settings.autocast_dtype)
-    attack_said[remaining] |= sq.broken
-    _, sq_broken = evaluate(subset, sq.x_adv)
+    result.evaluations += sq.evaluations
+    for name in ("fp32_checked", "fp32_rejected"):
+        if getattr(result, name) is not None and getattr(sq, name) is not None:
+            getattr(result, name)[remaining] |= getattr(sq, name)
+    _, sq_broken = evaluate(subset, sq.x_adv)  # the fp32 verdict on Square's points
     hits = remaining[sq_broken]
     x_adv[hits] = sq.x_adv[sq_broken]
     found_by_square[hits] = True
     if hits.numel():
         with torch.no_grad():
             e_adv[hits] = margin_objective.embed(x_adv[hits])
-    return found_by_square, evaluations + sq.evaluations
+    return found_by_square
 
 
 class _Subset:
@@ -233,7 +185,8 @@ class EmbeddingReport:
     """Clean and adversarial distances for an embedding attack (tensors of batch size B).
 
     ``reference``: ``original`` (untargeted: distance to the image's own clean embedding) or
-    ``targets`` (targeted: mean distance to the target embeddings).
+    ``targets`` (targeted: mean distance to the target embeddings). ``reference_embeddings``: what
+    the distances are measured to, the clean embeddings (B, D) or the target embeddings (T, D).
     """
 
     reference: str
@@ -243,6 +196,7 @@ class EmbeddingReport:
     perturbation_norm: torch.Tensor
     evaluations: int = 0
     distances_per_target: Optional[torch.Tensor] = field(default=None)
+    reference_embeddings: Optional[torch.Tensor] = None
 
 
 def attack_embedding(metric, images: torch.Tensor, targets: Optional[torch.Tensor] = None,
@@ -258,28 +212,31 @@ def attack_embedding(metric, images: torch.Tensor, targets: Optional[torch.Tenso
     images = pixel_batch(metric, images, "images", attacked=True).to(metric.device)
     clean = _embed_fixed(metric, images)
     if targets is None:
-        objective = UntargetedEmbeddingObjective(metric.encoder, clean)
+        reference, objective = clean, UntargetedEmbeddingObjective(metric.encoder, clean)
     else:
         targets = pixel_batch(metric, targets, "targets")
         if len(targets) < 1:
             raise BadInputError("targets: a targeted attack needs at least one target image.")
-        target_emb = _embed_fixed(metric, targets)
-        objective = TargetedEmbeddingObjective(metric.encoder, target_emb)
+        reference = _embed_fixed(metric, targets)
+        objective = TargetedEmbeddingObjective(metric.encoder, reference)
     result = apgd(objective, images, settings.eps, settings.norm, settings.iters, restarts=settings.restarts,
                   random_start=settings.random_start, seed=settings.seed,
                   autocast_dtype=settings.autocast_dtype, progress=progress)
     with torch.no_grad():
         adv = metric.embed_pixels(result.x_adv, check=False)
-    if targets is None:
-        clean_d = embedding_distance(clean, clean)
-        adv_d = embedding_distance(adv, clean)
-        per_target = None
-    else:
-        clean_per = embedding_distance_matrix(clean, target_emb)
-        per_target = embedding_distance_matrix(adv, target_emb)
-        clean_d, adv_d = clean_per.mean(-1), per_target.mean(-1)
-    return EmbeddingReport("original" if targets is None else "targets", clean_d, adv_d, result.x_adv,
-                           lp_norm(result.x_adv - images, settings.norm), result.evaluations, per_target)
+    untargeted = targets is None
+    clean_d, _ = _distances(clean, reference, untargeted)
+    adv_d, per_target = _distances(adv, reference, untargeted)
+    return EmbeddingReport("original" if untargeted else "targets", clean_d, adv_d, result.x_adv,
+                           lp_norm(result.x_adv - images, settings.norm), result.evaluations, per_target, reference)
+
+
+def _distances(emb: torch.Tensor, reference: torch.Tensor, untargeted: bool):
+    """(distance to the image's own clean embedding, None) or (mean distance to the targets, (B, T) per target)."""
+    if untargeted:
+        return embedding_distance(emb, reference), None
+    per_target = embedding_distance_matrix(emb, reference)
+    return per_target.mean(-1), per_target
 
 
 @dataclass
@@ -319,8 +276,8 @@ def distance_interval(metric, a: torch.Tensor, b: torch.Tensor, settings: Attack
         ends.append((sign * loss, result.x_adv))
     (d_low, x_low), (d_high, x_high) = ends
     keep_low, keep_high = d_low < clean, d_high > clean
-    x_low = torch.where(keep_low.view(-1, 1, 1, 1), x_low, b)
-    x_high = torch.where(keep_high.view(-1, 1, 1, 1), x_high, b)
+    x_low = torch.where(bcast(keep_low, b), x_low, b)
+    x_high = torch.where(bcast(keep_high, b), x_high, b)
     low, high = torch.minimum(d_low, clean).clamp(0.0, 2.0), torch.maximum(d_high, clean).clamp(0.0, 2.0)
     return DistanceInterval(clean, low, high, x_low, x_high)
 
@@ -328,3 +285,62 @@ def distance_interval(metric, a: torch.Tensor, b: torch.Tensor, settings: Attack
 def save_ready(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str) -> tuple[torch.Tensor, torch.Tensor]:
     """8-bit version of ``x_adv`` projected back into the ball, and whether it is inside."""
     return quantize_into_ball(x_adv, x.to(x_adv.device), eps, norm)
+
+
+@dataclass
+class RoundedAdversarial:
+    """Adversarial images as they would be saved (8-bit, inside the ball), and the fp32 verdict on them.
+
+    Attributes:
+        pixels: (B,3,S,S) float [0,1], multiples of 1/255, inside the ball (ready for ``save_png``).
+        in_ball: (B,) bool; False only where no grid point lies inside the ball.
+        broken: 2AFC: (B,) bool, the fp32 decision on the rounded pixels is not the label.
+        similarity: 2AFC: (B, 2) ``[sim_left, sim_right]`` on the rounded pixels.
+        distance: embedding: (B,) the distance the attack measured (to the image's clean self, or
+            the mean over the targets), on the rounded pixels.
+    """
+
+    pixels: torch.Tensor
+    in_ball: torch.Tensor
+    broken: Optional[torch.Tensor] = None
+    similarity: Optional[torch.Tensor] = None
+    distance: Optional[torch.Tensor] = None
+
+
+def rounded_2afc(metric, report: TwoAFCReport, ref: torch.Tensor, e_left: torch.Tensor, e_right: torch.Tensor,
+                 settings: AttackSettings) -> RoundedAdversarial:
+    """The report's adversarial references rounded to 8 bits inside the ball around ``ref`` (the clean
+    pixels the attack started from), and the fp32 2AFC decision on them against ``report.label``.
+
+    Raises:
+        BadInputError: ``ref``, ``e_left`` or ``e_right`` malformed or of another batch size than the report's.
+    """
+    ref = pixel_batch(metric, ref, "ref", attacked=True)
+    e_left = embedding_batch(e_left, "e_left")
+    e_right = embedding_batch(e_right, "e_right", e_left.shape[1])
+    same_batch(report=report.x_adv, ref=ref, e_left=e_left, e_right=e_right)
+    pixels, in_ball = save_ready(report.x_adv, ref, settings.eps, settings.norm)
+    emb = _embed_fixed(metric, pixels)
+    similarity = twoafc_logits(emb, e_left.to(emb.device), e_right.to(emb.device))
+    label = report.label.to(emb.device)
+    broken = ~is_correct(similarity[:, 0], similarity[:, 1], label)
+    return RoundedAdversarial(pixels, in_ball, broken=broken, similarity=similarity)
+
+
+def rounded_embedding(metric, report: EmbeddingReport, images: torch.Tensor,
+                      settings: AttackSettings) -> RoundedAdversarial:
+    """The report's adversarial images rounded to 8 bits inside the ball around ``images`` (the clean
+    pixels attacked), and the fp32 distance the attack measured, recomputed on them.
+
+    Raises:
+        BadInputError: ``images`` malformed or of another batch size than the report's, or a report
+            without ``reference_embeddings``.
+    """
+    images = pixel_batch(metric, images, "images", attacked=True)
+    same_batch(report=report.x_adv, images=images)
+    if report.reference_embeddings is None:
+        raise BadInputError("report: it has no reference_embeddings; use the report attack_embedding returns.")
+    pixels, in_ball = save_ready(report.x_adv, images, settings.eps, settings.norm)
+    emb = _embed_fixed(metric, pixels)
+    distance, _ = _distances(emb, report.reference_embeddings.to(emb.device), report.reference == "original")
+    return RoundedAdversarial(pixels, in_ball, distance=distance)

@@ -15,7 +15,6 @@ import torch
 
 from ..errors import BadInputError
 
-NORMS = ("linf", "l2")
 _EPS_TEXT = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(?:/\s*([0-9]*\.?[0-9]+))?\s*$")
 _TINY = 1e-12
 
@@ -106,7 +105,12 @@ def lp_norm(delta: torch.Tensor, norm: str) -> torch.Tensor:
     return flat.abs().amax(1) if norm == "linf" else flat.norm(p=2, dim=1)
 
 
-def _view(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A per-example (B,) tensor viewed as (B,1,...,1) to broadcast against the (B,...) tensor ``like``.
+
+    >>> bcast(torch.ones(2), torch.zeros(2, 3, 4, 4)).shape
+    torch.Size([2, 1, 1, 1])
+    """
     return v.view(-1, *([1] * (like.dim() - 1)))
 
 
@@ -122,7 +126,7 @@ def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str) -> torc
         delta = delta.clamp(-eps, eps)
     else:
         factor = (eps / (lp_norm(delta, "l2") + _TINY)).clamp(max=1.0)
-        delta = delta * _view(factor, delta)
+        delta = delta * bcast(factor, delta)
     return (x + delta).clamp(0.0, 1.0)
 
 
@@ -130,7 +134,7 @@ def ascent_direction(grad: torch.Tensor, norm: str) -> torch.Tensor:
     """Steepest ascent for the norm: sign(g) for l_inf, g/||g||_2 for l2."""
     if norm == "linf":
         return grad.sign()
-    return grad / _view(lp_norm(grad, "l2") + _TINY, grad)
+    return grad / bcast(lp_norm(grad, "l2") + _TINY, grad)
 
 
 def _noise(x: torch.Tensor, kind: str, generator, seeds) -> torch.Tensor:
@@ -152,7 +156,7 @@ def random_start(x: torch.Tensor, eps: float, norm: str, generator: torch.Genera
         noise = _noise(x, "uniform", generator, seeds) * 2 - 1
         return project(x + eps * noise, x, eps, norm)
     noise = _noise(x, "normal", generator, seeds)
-    noise = noise / _view(lp_norm(noise, "l2") + _TINY, noise)
+    noise = noise / bcast(lp_norm(noise, "l2") + _TINY, noise)
     return project(x + eps * noise, x, eps, norm)
 
 
@@ -179,7 +183,7 @@ def quantize_into_ball(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: s
         delta = x_adv - x
 
         def rounded(c):
-            return torch.round((x + _view(c, x) * delta).clamp(0, 1) * 255) / 255
+            return torch.round((x + bcast(c, x) * delta).clamp(0, 1) * 255) / 255
 
         lo_c = torch.zeros(x.shape[0], device=x.device, dtype=x.dtype)
         hi_c = torch.ones_like(lo_c)

@@ -10,9 +10,9 @@ import typer
 from ..models.zoo import DEFAULT_MODEL
 from .command import PerceptCommand, PerceptGroup
 from .errors import handle_errors
-from .options import (AttackDtypeOpt, BatchSizeOpt, CheckpointOpt, Common, CropOpt, DeviceOpt, EpsOpt, ForceOpt,
+from .options import (BatchSizeOpt, CheckpointOpt, Common, CropOpt, DeviceOpt, DtypeOpt, EpsOpt, ForceOpt,
                       ItersOpt, JsonOpt, ModelOpt, NormOpt, PoolingOpt, QuietOpt, RandomStartOpt, ResizeOpt,
-                      RestartsOpt, SeedOpt, attack_settings)
+                      RestartsOpt, SeedOpt, attack_settings, threat_dict)
 from .output import Output
 
 app = typer.Typer(help="Attack a 2AFC decision or an embedding with APGD (l_inf or l2).", no_args_is_help=True,
@@ -54,7 +54,7 @@ def _usable(targets: list[Path], skip_bad: bool, output: Output, required=()) ->
 
 def _prepare(common: Common, output: Output, images: list[Path], out: Optional[Path], folders=()):
     """Validate files and --out (no input file, input folder or model; writable) before any model work,
-    then load the metric (fp32 weights)."""
+    then load the metric: fp32 weights, --dtype being the attack's autocast precision."""
     from ..distances import check_files, first_failure_error
     from ..io.outputs import check_outputs, output_file, path_inputs
 
@@ -64,21 +64,7 @@ def _prepare(common: Common, output: Output, images: list[Path], out: Optional[P
     if out is not None:
         on_disk = path_inputs([*folders, common.model, common.checkpoint])
         check_outputs([output_file("--out", out, (".png",))], inputs=[*images, *on_disk], input_dirs=on_disk)
-    return common.load_metric(output)
-
-
-def _threat(settings, decision: bool = True) -> dict:
-    """The attack's settings for JSON; ``loss`` and Square's only for a 2AFC decision (embed uses neither)."""
-    from ..attacks import format_eps
-
-    threat = {"norm": settings.norm, "eps": settings.eps, "eps_text": format_eps(settings.eps, settings.norm),
-              "iters": settings.iters, "restarts": settings.restarts, "random_start": settings.random_start,
-              "seed": settings.seed,
-              "autocast": None if settings.autocast_dtype is None else str(settings.autocast_dtype).split(".")[-1]}
-    if decision:
-        threat.update(loss=settings.loss, square_queries=settings.square_queries,
-                      square_p_init=settings.square_p_init if settings.square_queries else None)
-    return threat
+    return common.load_metric(output, dtype="fp32")
 
 
 @app.command("2afc", cls=PerceptCommand)
@@ -99,14 +85,13 @@ def attack_2afc_command(
     norm: NormOpt = "linf", eps: EpsOpt = None, iters: ItersOpt = 100, restarts: RestartsOpt = 1,
     random_start: RandomStartOpt = True, force: ForceOpt = False,
     model: ModelOpt = DEFAULT_MODEL, checkpoint: CheckpointOpt = None, device: DeviceOpt = "auto",
-    dtype: AttackDtypeOpt = "fp32", batch_size: BatchSizeOpt = 32, resize: ResizeOpt = None, crop: CropOpt = None,
+    dtype: DtypeOpt = "fp32", batch_size: BatchSizeOpt = 32, resize: ResizeOpt = None, crop: CropOpt = None,
     pooling: PoolingOpt = None, seed: SeedOpt = 0, json: JsonOpt = False, quiet: QuietOpt = False,
 ) -> None:
     """Flip a 2AFC decision: perturb REF so the other candidate looks closer."""
     import torch
 
-    from ..attacks.objectives import twoafc_logits, twoafc_margin
-    from ..attacks.tasks import attack_2afc_embedded, save_ready
+    from ..attacks.tasks import attack_2afc_embedded, rounded_2afc
     from ..errors import BadInputError
     from ..io.outputs import OutputWrites, save_png
 
@@ -116,7 +101,8 @@ def attack_2afc_command(
         raise BadInputError(f"--loss must be ce or margin; got '{loss}'.")
     settings = attack_settings(norm, eps, iters, restarts, random_start, seed, dtype, loss,
                                square_queries if square else 0, force=force)
-    common = Common(model, checkpoint, device, "fp32", batch_size, None, seed, json, quiet, resize, crop, pooling)
+    common = Common(model=model, checkpoint=checkpoint, device=device, dtype=dtype, batch_size=batch_size,
+                    seed=seed, json=json, quiet=quiet, resize=resize, crop=crop, pooling=pooling)
     output = Output(json, quiet)
     _usable([], skip_bad, output, required=[ref, left, right])
     metric = _prepare(common, output, [ref, left, right], out)
@@ -127,54 +113,59 @@ def attack_2afc_command(
     with output.progress(settings.iters * settings.restarts, "APGD") as advance:
         report = attack_2afc_embedded(metric, pixels[0:1], e_left, e_right, y, settings, early_stop=False,
                                       progress=advance)
-    names = ["left", "right"]
-    tie = bool(report.clean_similarity[0, 0] == report.clean_similarity[0, 1])
-    payload = {**common.describe(metric), "threat": _threat(settings),
-               "label": names[int(report.label[0])], "label_source": "given" if label else "model's clean decision",
-               "clean": {"sim_left": float(report.clean_similarity[0, 0]),
-                         "sim_right": float(report.clean_similarity[0, 1]),
-                         "decision": "tie" if tie else names[int(report.clean_similarity[0, 1]
-                                                                 > report.clean_similarity[0, 0])]},
-               "adversarial": {"sim_left": float(report.adv_similarity[0, 0]),
-                               "sim_right": float(report.adv_similarity[0, 1]),
-                               "decision": names[int(report.adv_similarity[0, 1] > report.adv_similarity[0, 0])]},
-               "clean_correct": bool(report.clean_correct[0]), "robust_correct": bool(report.robust_correct[0]),
-               "flipped": bool(report.flipped[0]), "perturbation_norm": float(report.perturbation_norm[0]),
-               "found_by_square": None if report.found_by_square is None else bool(report.found_by_square[0]),
-               "broken_low_precision_only": int(report.broken_low_precision_only.sum()),
-               "evaluations": report.evaluations}
-    writes, saved = OutputWrites(), None  # a failed save still prints the report, then exits non-zero
+    payload = {**common.describe(metric), "threat": threat_dict(settings), **_twoafc_payload(report, label)}
+    writes = OutputWrites()  # a failed save still prints the report, then exits non-zero
     if out is not None:
-        q, in_ball = save_ready(report.x_adv, pixels[0:1], settings.eps, settings.norm)
-        saved = writes.attempt("--out", out, lambda: save_png(out, q[0]))
-    if saved is not None:
-        with torch.no_grad():  # one fp32 forward on the saved pixels gives both facts
-            saved_sim = twoafc_logits(metric.embed_pixels(q.to(metric.device)), e_left, e_right)
-        broken = twoafc_margin(saved_sim, report.label) >= 0
-        payload["saved"] = {"path": str(out), "in_ball": bool(in_ball[0]), "still_broken": bool(broken[0]),
-                            "sim_left": float(saved_sim[0, 0]), "sim_right": float(saved_sim[0, 1])}
+        adv = rounded_2afc(metric, report, pixels[0:1], e_left, e_right, settings)
+        if writes.attempt("--out", out, lambda: save_png(out, adv.pixels[0])) is not None:
+            payload["saved"] = {"path": str(out), "in_ball": bool(adv.in_ball[0]),
+                                "still_broken": bool(adv.broken[0]), "sim_left": float(adv.similarity[0, 0]),
+                                "sim_right": float(adv.similarity[0, 1])}
     if writes.failures:
         payload["not_written"] = writes.failures
     output.result(payload, lambda c: _render_2afc(c, payload))
     writes.raise_if_failed()
 
 
+def _flag(values) -> Optional[bool]:
+    """The first row of an optional (B,) bool tensor as a JSON value (None stays None)."""
+    return None if values is None else bool(values[0])
+
+
+def _twoafc_payload(report, label: Optional[str]) -> dict:
+    """The JSON fields of one attacked triplet (row 0 of ``report``); decisions by :mod:`percept_cli.decision`."""
+    from ..decision import decision
+
+    names = ["left", "right"]
+
+    def sims(similarity) -> dict:
+        left_sim, right_sim = float(similarity[0, 0]), float(similarity[0, 1])
+        return {"sim_left": left_sim, "sim_right": right_sim, "decision": names[decision(left_sim, right_sim)]}
+
+    clean = sims(report.clean_similarity)
+    return {"label": names[int(report.label[0])], "label_source": "given" if label else "model's clean decision",
+            "clean": {**clean, "tie": clean["sim_left"] == clean["sim_right"]},
+            "adversarial": sims(report.adv_similarity),
+            "clean_correct": bool(report.clean_correct[0]), "robust_correct": bool(report.robust_correct[0]),
+            "flipped": bool(report.flipped[0]), "perturbation_norm": float(report.perturbation_norm[0]),
+            "found_by_square": _flag(report.found_by_square),
+            "fp32_checked": _flag(report.fp32_checked), "fp32_rejected": _flag(report.fp32_rejected),
+            "evaluations": report.evaluations}
+
+
 def _render_2afc(console, p: dict) -> None:
     t = p["threat"]
-    tie = p["clean"]["decision"] == "tie"
-    if tie and p["label_source"] != "given":
-        console.print("label: none - the model's clean decision is a tie (both candidates equally similar), "
-                      "so there is no decision to attack")
-    else:
-        console.print(f"label: {p['label']} ({p['label_source']})")
+    tie = p["clean"]["tie"]
+    source = p["label_source"]
+    if tie and source != "given":
+        source += ": the clean similarities tie, and a tie picks the left candidate"
+    console.print(f"label: {p['label']} ({source})")
     for key in ("clean", "adversarial"):
         r = p[key]
         console.print(f"{key:<12} sim(ref, left) = {r['sim_left']:.4f}   sim(ref, right) = {r['sim_right']:.4f}"
                       f"   -> {r['decision']}")
-    if tie:
-        verdict = "undecided before the attack, nothing to flip (a tie counts as wrong)"
-    elif not p["clean_correct"]:
-        verdict = "already wrong before the attack"
+    if not p["clean_correct"]:
+        verdict = "already wrong before the attack" + (" (a tie picks the left candidate)" if tie else "")
     elif p["flipped"]:
         verdict = "decision FLIPPED by the attack"
     else:
@@ -186,9 +177,11 @@ def _render_2afc(console, p: dict) -> None:
     elif p.get("found_by_square") is False and p["clean_correct"] and not p["flipped"]:
         console.print(f"Square Attack ({t['square_queries']} queries) found nothing either: no sign of gradient "
                       "masking at this radius.")
-    if p.get("broken_low_precision_only"):
-        console.print(f"note: the {t['autocast']} attack broke this decision but the fp32 re-check did not; "
-                      "it counts as held (a low-precision attack can understate the attack's strength).")
+    if p.get("fp32_rejected"):
+        console.print(f"note: the {t['autocast']} attack claimed a flip that fp32 did not confirm; it kept "
+                      "attacking, and every verdict here is fp32.")
+    elif p.get("fp32_checked"):
+        console.print(f"note: the {t['autocast']} attack's flip was confirmed in fp32.")
     if "saved" in p:
         s = p["saved"]
         effect = "the decision is still lost" if s["still_broken"] else "the model decides correctly again"
@@ -210,14 +203,12 @@ def attack_embed_command(
     norm: NormOpt = "linf", eps: EpsOpt = None, iters: ItersOpt = 100, restarts: RestartsOpt = 1,
     random_start: RandomStartOpt = True, force: ForceOpt = False,
     model: ModelOpt = DEFAULT_MODEL, checkpoint: CheckpointOpt = None, device: DeviceOpt = "auto",
-    dtype: AttackDtypeOpt = "fp32", batch_size: BatchSizeOpt = 32, resize: ResizeOpt = None, crop: CropOpt = None,
+    dtype: DtypeOpt = "fp32", batch_size: BatchSizeOpt = 32, resize: ResizeOpt = None, crop: CropOpt = None,
     pooling: PoolingOpt = None, seed: SeedOpt = 0, json: JsonOpt = False, quiet: QuietOpt = False,
 ) -> None:
     """Move an image's embedding: away from itself (--untargeted) or towards targets (--target)."""
-    import torch
-
     from ..attacks import attack_embedding
-    from ..attacks.tasks import save_ready
+    from ..attacks.tasks import rounded_embedding
     from ..errors import BadInputError
     from ..io.images import list_images
     from ..io.outputs import OutputWrites, save_png
@@ -226,7 +217,8 @@ def attack_embed_command(
         raise BadInputError("choose exactly one of --untargeted or --target IMAGE (at least one target).")
     targets = [p for t in (target or []) for p in (list_images(t) if t.is_dir() else [t])]
     settings = attack_settings(norm, eps, iters, restarts, random_start, seed, dtype, force=force)
-    common = Common(model, checkpoint, device, "fp32", batch_size, None, seed, json, quiet, resize, crop, pooling)
+    common = Common(model=model, checkpoint=checkpoint, device=device, dtype=dtype, batch_size=batch_size,
+                    seed=seed, json=json, quiet=quiet, resize=resize, crop=crop, pooling=pooling)
     output = Output(json, quiet)
     targets, skipped = _usable(targets, skip_bad, output, required=[image])
     metric = _prepare(common, output, [image, *targets], out, folders=target or [])
@@ -234,7 +226,7 @@ def attack_embed_command(
     t_pixels = metric.pixels([str(p) for p in targets]) if targets else None
     with output.progress(settings.iters * settings.restarts, "APGD") as advance:
         report = attack_embedding(metric, x, t_pixels, settings, progress=advance)
-    payload = {**common.describe(metric), "threat": _threat(settings, decision=False),
+    payload = {**common.describe(metric), "threat": threat_dict(settings, decision=False),
                "mode": "untargeted" if untargeted else "targeted", "distance_to": report.reference,
                "clean_distance": float(report.clean_distance[0]), "adv_distance": float(report.adv_distance[0]),
                "perturbation_norm": float(report.perturbation_norm[0]),
@@ -242,17 +234,11 @@ def attack_embed_command(
                "skipped": [{"path": f.path, "reason": f.reason} for f in skipped]}
     if report.distances_per_target is not None:
         payload["adv_distance_per_target"] = report.distances_per_target[0].tolist()
-    writes, saved = OutputWrites(), None
+    writes = OutputWrites()
     if out is not None:
-        q, in_ball = save_ready(report.x_adv, x, settings.eps, settings.norm)
-        saved = writes.attempt("--out", out, lambda: save_png(out, q[0]))
-    if saved is not None:
-        with torch.no_grad():
-            e_saved = metric.embed_pixels(q.to(metric.device))
-            ref = metric.embed_pixels(x.to(metric.device)) if untargeted else metric.embed_pixels(
-                t_pixels.to(metric.device))
-            saved_d = float((1 - e_saved @ ref.T).clamp(0.0, 2.0).mean())
-        payload["saved"] = {"path": str(out), "in_ball": bool(in_ball[0]), "distance": saved_d}
+        adv = rounded_embedding(metric, report, x, settings)
+        if writes.attempt("--out", out, lambda: save_png(out, adv.pixels[0])) is not None:
+            payload["saved"] = {"path": str(out), "in_ball": bool(adv.in_ball[0]), "distance": float(adv.distance[0])}
     if writes.failures:
         payload["not_written"] = writes.failures
     output.result(payload, lambda c: _render_embed(c, payload))

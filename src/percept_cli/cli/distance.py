@@ -11,7 +11,7 @@ from ..models.zoo import DEFAULT_MODEL
 from .errors import handle_errors
 from .options import (BatchSizeOpt, CheckpointOpt, Common, CropOpt, DeviceOpt, DtypeOpt, ForceOpt, ItersOpt, JsonOpt,
                       ModelOpt, NormOpt, PoolingOpt, QuietOpt, RandomStartOpt, ResizeOpt, RestartsOpt, SeedOpt,
-                      WorkersOpt, attack_settings)
+                      WorkersOpt, attack_settings, threat_dict)
 from .output import Output
 
 MAX_PRINTED_MATRIX = (40, 12)  # rows, cols shown as a table without --out
@@ -65,10 +65,10 @@ def distance(
     from ..io.outputs import OutputWrites
 
     settings = None
-    if robust is not None:  # weights stay fp32; --dtype then sets the attack's autocast precision
+    if robust is not None:
         settings = attack_settings(norm, robust, iters, restarts, random_start, seed, dtype, force=force)
-        dtype = "fp32"
-    common = Common(model, checkpoint, device, dtype, batch_size, workers, seed, json, quiet, resize, crop, pooling)
+    common = Common(model=model, checkpoint=checkpoint, device=device, dtype=dtype, batch_size=batch_size,
+                    workers=workers, seed=seed, json=json, quiet=quiet, resize=resize, crop=crop, pooling=pooling)
     output = Output(json, quiet)
 
     job = distances.plan_job(inputs or [], str(pairs) if pairs else None, recursive)
@@ -91,7 +91,8 @@ def distance(
     if failures and not skip_bad:
         raise distances.first_failure_error(failures, job.origin)
 
-    metric = common.load_metric(output)
+    # with --robust the weights stay fp32 and --dtype is the attack's autocast precision
+    metric = common.load_metric(output, dtype=None if settings is None else "fp32")
     with output.progress(len(files) - len(failures), "Embedding") as advance:
         result = distances.run_job(metric, job, skip_bad=skip_bad, skipped=failures, progress=advance, top=top,
                                    threshold=threshold)
@@ -132,10 +133,7 @@ def _check_out(out: Path, mode: str, files: list, given: list) -> None:
 
 
 def _robust_info(settings) -> dict:
-    from ..attacks import format_eps
-
-    return {"norm": settings.norm, "eps": settings.eps, "eps_text": format_eps(settings.eps, settings.norm),
-            "iters": settings.iters, "restarts": settings.restarts, "perturbed": "b",
+    return {**threat_dict(settings, decision=False), "perturbed": "b",
             "note": "empirical interval found by APGD, not a certificate"}
 
 

@@ -49,7 +49,8 @@ def embed_command(
     from ..embeddings import FORMATS, check_format, embed_to_file, expand_sources, sidecar_path
     from ..io.outputs import check_outputs, output_file, path_inputs
 
-    common = Common(model, checkpoint, device, dtype, batch_size, workers, 0, json, quiet, resize, crop, pooling)
+    common = Common(model=model, checkpoint=checkpoint, device=device, dtype=dtype, batch_size=batch_size,
+                    workers=workers, json=json, quiet=quiet, resize=resize, crop=crop, pooling=pooling)
     output = Output(json, quiet)
     files = expand_sources(sources, recursive)
     specs = [output_file("--out", out, FORMATS)]

@@ -9,9 +9,8 @@ import typer
 
 from ..models.zoo import DEFAULT_MODEL
 from .errors import handle_errors
-from .options import (AttackDtypeOpt, CheckpointOpt, CropOpt, DeviceOpt, JsonOpt, ModelOpt, PoolingOpt, QuietOpt,
-                      ResizeOpt,
-                      geometry_options)
+from .options import (CheckpointOpt, Common, CropOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, PoolingOpt,
+                      QuietOpt, ResizeOpt)
 from .output import Output
 
 HELP = """Invert the metric: images whose embedding matches a photo (--image) or a prompt (--text).
@@ -21,6 +20,8 @@ HELP = """Invert the metric: images whose embedding matches a photo (--image) or
   percept invert --text "a painting of a sunflower" --out inversions/
   percept invert --image photo.png --method augmented --judge clip-convnext-b
 """
+
+FLAGS = {"out_dir": "--out", "grid": "--grid", "save_every": "--save-every"}  # run_inversion's names -> options
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -65,115 +66,86 @@ def invert_command(
                                            "only image, so an unreadable one still stops the run (exit 2).")]
     = False,
     model: ModelOpt = DEFAULT_MODEL, checkpoint: CheckpointOpt = None, device: DeviceOpt = "auto",
-    dtype: AttackDtypeOpt = "fp32", resize: ResizeOpt = None, crop: CropOpt = None,
+    dtype: DtypeOpt = "fp32", resize: ResizeOpt = None, crop: CropOpt = None,
     pooling: PoolingOpt = None,
     json: JsonOpt = False, quiet: QuietOpt = False,
 ) -> None:
-    import torch
-
-    from ..devices import resolve_dtype
     from ..errors import BadInputError
-    from ..inversion import InversionSettings, contact_sheet, invert, slug
-    from ..metric import load_metric
-    from ..io.outputs import OutputWrites, save_png
+    from ..inversion import InversionSettings, InversionTarget, run_inversion
+    from ..io.outputs import OutputNotWrittenError
 
     if (image is None) == (text is None):
         raise BadInputError("give exactly one target: --image PATH or --text PROMPT.")
     if text is not None and not text.strip():
         raise BadInputError("--text is empty.")
     seed_list = parse_seeds(seeds)
-    autocast = resolve_dtype(dtype)
     settings = InversionSettings(method=method, iters=iters, radius=radius, step_size=step_size, size=size, lr=lr,
-                                 views=views,
-                                 autocast_dtype=None if autocast == torch.float32 else autocast)
+                                 views=views, autocast_dtype=dtype)
     if image is not None:
-        from ..io.images import check_image
-
-        try:
-            check_image(image)
-        except BadInputError as exc:
-            if skip_bad:  # the only target: nothing usable remains after skipping it
-                raise BadInputError(f"{exc}; it is the only target image, so nothing is left to invert.") from exc
-            raise
-    _check_out(out, slug(text) if text is not None else slug(image.stem), seed_list, grid, save_every,
-               [image, model, checkpoint, judge])
+        _check_image(image, skip_bad)
+    target = InversionTarget.text(text) if text is not None else InversionTarget.image(image)
+    _check_out(out, target.name, seed_list, grid, save_every, [image, model, checkpoint, judge])
+    # weights stay fp32 (--dtype is the optimisation's autocast); the judge keeps its own preprocessing
+    common = Common(model=model, checkpoint=checkpoint, device=device, dtype=dtype, json=json, quiet=quiet,
+                    resize=resize, crop=crop, pooling=pooling)
     output = Output(json, quiet)
-    with output.status(f"Loading {model} ..."):
-        metric = load_metric(model, device=device, checkpoint=checkpoint, with_text=text is not None,
-                             **geometry_options(resize, crop, pooling))
-        judge_metric = load_metric(judge, device=device, with_text=text is not None) if judge else None
-    if text is not None:
-        target_emb, name = metric.embed_text([text])[0], slug(text)
-        judge_target = judge_metric.embed_text([text])[0] if judge_metric else None
-        target_pixels = None
-    else:
-        target_pixels = metric.pixels([str(image)])
-        target_emb, name = metric.embed_pixels(target_pixels.to(metric.device)).detach()[0], slug(image.stem)
-        judge_target = judge_metric.embed([str(image)])[0] if judge_metric else None
-
-    writes = OutputWrites()  # a failed write still prints the similarities, then exits non-zero
-    writes.attempt("--out", out, lambda: out.mkdir(parents=True, exist_ok=True))
-    written_steps: list[str] = []
-
-    def on_iteration(k, best, best_sim):
-        if save_every and k % save_every == 0 and not writes.failures:
-            steps = out / "steps"
-            for s, img in zip(seed_list, best):
-                path = steps / f"{name}_seed{s}_iter{k:04d}.png"
-                if writes.attempt("--save-every", path, lambda: (steps.mkdir(exist_ok=True), save_png(path, img))):
-                    written_steps.append(str(path))
-
+    metric = common.load_metric(output, with_text=text is not None, dtype="fp32")
+    judge_metric = (common.load_metric(output, judge, with_text=text is not None, dtype="fp32", geometry=False)
+                    if judge else None)
     with output.progress(settings.iters, "Inverting") as advance:
-        state = {"k": 0}
-
-        def progress(n):
-            state["k"] += n
-            advance(n)
-
         def watch(k, best, best_sim):
-            on_iteration(k, best, best_sim)
             if k % 10 == 0:
                 advance(0, f"Inverting  best cos {float(best_sim.mean()):.3f}")
 
-        result = invert(metric, target_emb, seed_list, settings, progress=progress, on_iteration=watch)
-    outputs = []
-    judge_sims = None
-    if judge_metric is not None:
-        with torch.no_grad():
-            judge_sims = (judge_metric.embed_pixels(result.images.to(judge_metric.device)) * judge_target).sum(-1)
-    for i, s in enumerate(seed_list):
-        png = out / f"{name}_seed{s}.png"
-        path = writes.attempt("--out", png, lambda: save_png(png, result.images[i]))
-        outputs.append({"seed": s, "path": str(path) if path else None, "similarity": float(result.similarity[i]),
-                        "judge_similarity": None if judge_sims is None else float(judge_sims[i])})
-    grid_path = None
-    if grid:
-        labels = [f"seed {o['seed']}  cos {o['similarity']:.3f}" for o in outputs]
-        sheet = contact_sheet(result.images, labels, target_pixels[0] if target_pixels is not None else None,
-                              "target" if text is None else "", tile=result.images.shape[-1])
-        png = out / f"{name}_grid.png"
-        grid_path = writes.attempt("--grid", png, lambda: save_png(png, sheet))
-    payload = {"model": metric.source.as_dict(), "device": str(metric.device),
-               "target": {"kind": "text" if text is not None else "image", "value": text or str(image)},
-               "method": settings.method, "iters": settings.iters, "radius": settings.radius,
-               "step_size": settings.step_size, "size": result.images.shape[-1],
-               "judge": judge_metric.source.as_dict() if judge_metric else None,
-               "outputs": outputs, "grid": str(grid_path) if grid_path else None, "intermediate": written_steps}
-    if writes.failures:
-        payload["not_written"] = writes.failures
+        run = run_inversion(metric, target, seed_list, settings, out, judge=judge_metric, save_every=save_every,
+                            grid=grid, progress=advance, on_iteration=watch)
+    failures = [{**f, "option": FLAGS[f["option"]]} for f in run.failures]
+    payload = _payload(run, metric, judge_metric)
+    if failures:
+        payload["not_written"] = failures
     output.result(payload, lambda console: _render(console, payload))
-    writes.raise_if_failed()
+    if failures:  # the similarities were shown; the command still fails
+        raise OutputNotWrittenError(failures)
+
+
+def _check_image(image: Path, skip_bad: bool) -> None:
+    """Header-check the --image target before any model work (BadInputError/ImageReadError, exit 2)."""
+    from ..errors import BadInputError
+    from ..io.images import check_image
+
+    try:
+        check_image(image)
+    except BadInputError as exc:
+        if skip_bad:  # the only target: nothing usable remains after skipping it
+            raise BadInputError(f"{exc}; it is the only target image, so nothing is left to invert.") from exc
+        raise
+
+
+def _payload(run, metric, judge_metric) -> dict:
+    """The JSON document of one run."""
+    judge = run.judge_similarity
+    outputs = [{"seed": s, "path": str(path) if path else None, "similarity": float(run.similarity[i]),
+                "judge_similarity": None if judge is None else float(judge[i])}
+               for i, (s, path) in enumerate(zip(run.seeds, run.paths))]
+    st = run.settings
+    return {"model": metric.source.as_dict(), "device": str(metric.device),
+            "target": {"kind": run.target.kind, "value": run.target.value},
+            "method": st.method, "iters": st.iters, "radius": st.radius, "step_size": st.step_size,
+            "size": run.images.shape[-1], "judge": judge_metric.source.as_dict() if judge_metric else None,
+            "outputs": outputs, "grid": str(run.grid) if run.grid else None,
+            "intermediate": [str(p) for p in run.intermediate]}
 
 
 def _check_out(out: Path, name: str, seeds: list[int], grid: bool, save_every: int, given: list) -> None:
     """Before any model work: no output is an input (image, model, checkpoint) or inside an input
     folder, and the --out folder can be written."""
+    from ..inversion import grid_file, seed_file
     from ..io.outputs import check_outputs, output_file, output_folder, path_inputs
 
     specs = [output_folder("--out", out)] + ([output_folder("--save-every", out / "steps")] if save_every else [])
     if out.is_dir():  # the files it will hold (a folder still to be created holds no input)
-        specs += [output_file("--out", out / f"{name}_seed{s}.png") for s in seeds]
-        specs += [output_file("--grid", out / f"{name}_grid.png")] if grid else []
+        specs += [output_file("--out", seed_file(out, name, s)) for s in seeds]
+        specs += [output_file("--grid", grid_file(out, name))] if grid else []
     on_disk = path_inputs(given)
     check_outputs(specs, inputs=on_disk, input_dirs=on_disk)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, List, Optional
 
 import typer
 
@@ -20,8 +20,12 @@ CheckpointOpt = Annotated[Optional[Path], typer.Option(
     rich_help_panel="Model")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda[:N] | mps (auto: best present).",
                                         envvar="PERCEPT_DEVICE", rich_help_panel="Model")]
-DtypeOpt = Annotated[str, typer.Option("--dtype", help="fp32 | bf16 | fp16 for the encoder.",
-                                       rich_help_panel="Model")]
+DTYPE_HELP = ("fp32 | bf16 | fp16. Embedding: the encoder's weights and compute. Attacks and inversion: the "
+              "autocast precision of forward/backward (weights stay fp32; every verdict is re-checked in fp32).")
+DtypeOpt = Annotated[str, typer.Option("--dtype", help=DTYPE_HELP, rich_help_panel="Model")]
+ModelsOpt = Annotated[Optional[List[str]], typer.Option(
+    "--model", "-m", help=MODEL_HELP + " Repeatable: several models are compared.", envvar="PERCEPT_MODEL",
+    rich_help_panel="Model", show_default=False)]
 BatchSizeOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per forward pass.",
                                            rich_help_panel="Model")]
 WorkersOpt = Annotated[Optional[int], typer.Option(
@@ -44,9 +48,13 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars 
                                         rich_help_panel="Output")]
 
 
-@dataclass
+@dataclass(frozen=True)
 class Common:
-    """The common options of one invocation, and how to act on them."""
+    """The common options of one invocation, and how to act on them.
+
+    Build it from keyword arguments (``Common(model=model, device=device, ...)``); fields not given
+    keep the CLI defaults.
+    """
 
     model: str = DEFAULT_MODEL
     checkpoint: Optional[Path] = None
@@ -61,17 +69,26 @@ class Common:
     crop: Optional[str] = None
     pooling: Optional[str] = None
 
-    def load_metric(self, out):
-        """Seed, then load the metric with a spinner on stderr."""
+    def load_metric(self, out, model: Optional[str] = None, *, with_text: bool = False, dtype: Optional[str] = None,
+                    geometry: bool = True):
+        """Seed, then load ``model`` (default: ``--model``) with a spinner on stderr: the one way every
+        command loads a metric.
+
+        ``dtype`` overrides ``--dtype`` for the weights (attacks keep fp32 weights and autocast);
+        ``geometry=False`` ignores ``--resize``/``--crop``/``--pooling`` (a second model, such as
+        ``invert --judge``, keeps its own preprocessing).
+        """
         import torch
 
         from ..metric import load_metric
 
+        name = model or self.model
         torch.manual_seed(self.seed)
-        with out.status(f"Loading {self.model} ..."):
-            return load_metric(self.model, device=self.device, dtype=self.dtype, checkpoint=self.checkpoint,
-                               batch_size=self.batch_size, num_workers=self.workers,
-                               **geometry_options(self.resize, self.crop, self.pooling))
+        extra = geometry_options(self.resize, self.crop, self.pooling) if geometry else {}
+        with out.status(f"Loading {name} ..."):
+            return load_metric(name, device=self.device, dtype=dtype or self.dtype,
+                               checkpoint=self.checkpoint if geometry else None, batch_size=self.batch_size,
+                               num_workers=self.workers, with_text=with_text, **extra)
 
     def describe(self, metric) -> dict:
         """The run's settings for JSON output."""
@@ -111,9 +128,6 @@ RestartsOpt = Annotated[int, typer.Option("--restarts", min=1, help="APGD runs; 
 RandomStartOpt = Annotated[bool, typer.Option("--random-start/--no-random-start",
                                               help="Start the first run at a random point of the ball.",
                                               rich_help_panel="Attack")]
-ATTACK_DTYPE_HELP = ("fp32 | bf16 | fp16: precision of the attack's forward/backward (autocast); "
-                     "weights stay fp32 and every verdict is re-checked in fp32.")
-AttackDtypeOpt = Annotated[str, typer.Option("--dtype", help=ATTACK_DTYPE_HELP, rich_help_panel="Model")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Allow an l_inf eps above 1 (more than the whole pixel "
                                         "range; usually a forgotten /255).", rich_help_panel="Attack")]
 DEFAULT_EPS = {"linf": "4/255", "l2": "3"}
@@ -150,3 +164,10 @@ def attack_settings(norm: str, eps: Optional[str], iters: int, restarts: int, ra
     return AttackSettings(norm=norm, eps=value, iters=iters, restarts=restarts, random_start=random_start,
                           seed=seed, loss=loss, autocast_dtype=None if autocast == torch.float32 else autocast,
                           square_queries=square_queries, force=force)
+
+
+def threat_dict(settings, *, decision: bool = True) -> dict:
+    """``settings.to_dict()`` for JSON output; without ``decision`` (embedding attacks, ``distance
+    --robust``) the keys only a 2AFC decision uses (``loss``, ``square_*``) are left out."""
+    data = settings.to_dict()
+    return data if decision else {k: v for k, v in data.items() if k != "loss" and not k.startswith("square_")}

@@ -23,6 +23,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ..decision import human_label
 from ..errors import BadInputError
 from ..io.images import IMAGE_EXTENSIONS
 
@@ -52,7 +53,7 @@ class TwoAFCTriplet:
     @property
     def label(self) -> int:
         """The majority answer: 1 if the right candidate won (p_right > 0.5), else 0 (a 0.5 tie: left)."""
-        return int(self.p_right > 0.5)
+        return human_label(self.p_right)
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,10 @@ from pathlib import Path
 from ..errors import BadInputError
 from ..io.outputs import atomic_path
 
-SCHEMA = "percept.eval-2afc/2"  # /2: `clean` is binarised accuracy, `clean_score` the LPIPS score; protocol
+# /2: `clean` is binarised accuracy, `clean_score` the LPIPS score; protocol. /3: a tie picks the left
+# candidate (decision.py); `attack` is AttackSettings.to_dict(radius=False) (autocast "bf16", not
+# "bfloat16"); fp32_checked / fp32_rejected replace low_precision_only.
+SCHEMA = "percept.eval-2afc/3"
 
 
 def check_schema(record, where: str) -> None:
@@ -36,7 +39,7 @@ def settings_of(record: dict) -> dict:
 
 # The settings a resumed run must share with the run it continues (every one changes the numbers).
 _MATCHING_KEYS = ("dataset", "protocol", "attack", "radii", "seed", "model_options")
-PARTIAL_SCHEMA = "percept.eval-2afc-partial/1"
+PARTIAL_SCHEMA = "percept.eval-2afc-partial/2"  # /2: the settings and records of results schema /3
 _MISSING = object()
 _DEFAULT_WHEN_NONE = {"resize", "crop", "pooling", "triplets", "image_list"}  # None: the model's/dataset's own
 

@@ -5,13 +5,17 @@ several processes compute every batch exactly as an uninterrupted single-process
 
 1. every distinct image is embedded once (DataLoader workers decode), in batches of the global
    first-use order, with the protocol's geometry (:func:`input_preprocess`);
-2. per triplet: ``clean_correct`` (the nearer candidate is the majority's, p > 0.5; a tie is wrong),
-   the paper's binarised accuracy, and the LPIPS/DreamSim score ``(d0<d1)(1-p) + (d1<d0)p +
-   0.5(d0==d1)`` with p the fraction of people who chose the right candidate;
+2. per triplet: ``clean_correct`` (the metric's choice by :mod:`percept_cli.decision`, a tie picking
+   the left candidate as in the authors' code, is the majority's, p > 0.5), the paper's binarised
+   accuracy, and the LPIPS/DreamSim score ``(d0<d1)(1-p) + (d1<d0)p + 0.5(d0==d1)`` with p the
+   fraction of people who chose the right candidate;
 3. under attack, the triplets to attack (all, or ``plan.attack_ids``) that the model gets right are
    attacked in batches of the list of such triplets, APGD on the reference with both candidates'
    embeddings fixed, early stopping on; radii ascending, each radius attacking the survivors of
    the previous one (a point broken inside a smaller ball is broken inside every larger one).
+   An autocast (bf16/fp16) attack's claimed breaks are confirmed in fp32; per triplet and radius,
+   ``fp32_checked`` says a claim needed that confirmation and ``fp32_rejected`` that fp32 refused one
+   (None when the attack ran in fp32).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import Callable, Optional
 
 import torch
 
+from .. import decision
 from ..attacks import AttackSettings
 from ..attacks.tasks import attack_2afc_embedded, save_ready
 from ..distributed import Dist, gather
@@ -32,6 +37,7 @@ from .datasets import DatasetIndex, OddOneOut
 
 Progress = Callable[..., None]
 PROTOCOLS = ("paper", "native")
+FP32_COUNTS = ("fp32_checked", "fp32_rejected")  # summary counts of an autocast attack's fp32 confirmations
 
 
 @dataclass
@@ -151,14 +157,16 @@ def _clean_record(item, emb: dict, n_radii: int) -> dict:
         s01, s02, s12 = float(a @ b), float(a @ c), float(b @ c)
         return {"id": item.id, "group": item.group, "similarities": [s01, s02, s12],
                 "clean_score": score_odd_one_out(s01, s02, s12), "clean_correct": s01 > max(s02, s12)}
-    ref, left, right = emb[item.ref], emb[item.left], emb[item.right]
-    d_left, d_right = (min(2.0, max(0.0, 1.0 - float(ref @ e))) for e in (left, right))  # 1 - cos, in [0, 2]
+    ref = emb[item.ref]
+    s_left, s_right = float(ref @ emb[item.left]), float(ref @ emb[item.right])
+    d_left, d_right = (min(2.0, max(0.0, 1.0 - s)) for s in (s_left, s_right))  # 1 - cos, in [0, 2]
     label = item.label
-    margin = (d_left - d_right) if label == 1 else (d_right - d_left)  # > 0: the majority answer wins
+    margin = (s_right - s_left) if label == decision.RIGHT else (s_left - s_right)  # sim(correct) - sim(wrong)
     rec = {"id": item.id, "group": item.group, "p_right": item.p_right, "label": label, "d_left": d_left,
            "d_right": d_right, "clean_score": score_2afc(d_left, d_right, item.p_right),
-           "clean_correct": margin > 0, "clean_margin": margin, "attacked": n_radii > 0, "robust_correct": None,
-           "margin": None, "low_precision_only": None}
+           "clean_correct": bool(decision.is_correct(s_left, s_right, label)), "clean_margin": margin,
+           "attacked": n_radii > 0, "robust_correct": None, "margin": None, "fp32_checked": None,
+           "fp32_rejected": None}
     if n_radii and not rec["clean_correct"]:  # already wrong: broken at every radius, nothing to attack
         rec.update(robust_correct=[False] * n_radii, margin=[margin] * n_radii)
     return rec
@@ -189,8 +197,8 @@ def _attack_batch(metric, batch, plan, records, embeddings, position, preprocess
     ids = torch.tensor([position[t.id] for t in batch])
     n = len(plan.radii)
     out = [{"robust_correct": [True] * n, "margin": [records[t.id]["clean_margin"]] * n,
-            "square_found": [False] * n, "low_precision_only": [False] * n} for t in batch]
-    low_precision_known = True
+            "square_found": [False] * n, "fp32_checked": [False] * n, "fp32_rejected": [False] * n} for t in batch]
+    autocast = True  # False once a report says the attack ran in fp32 (no confirmations to count)
     alive = torch.arange(len(batch))
     for r, eps in enumerate(plan.radii):
         if alive.numel() == 0:
@@ -199,9 +207,10 @@ def _attack_batch(metric, batch, plan, records, embeddings, position, preprocess
                                       replace(plan.attack, eps=eps), early_stop=True, example_ids=ids[alive],
                                       e_ref=e_ref[alive])
         held = report.robust_correct.cpu()
-        low = getattr(report, "broken_low_precision_only", None)  # bf16/fp16 broke it, the fp32 check did not
-        low_precision_known = low_precision_known and low is not None
-        _record_radius(out, alive.tolist(), r, held, report.margin.cpu(), report.found_by_square, low)
+        checks = (report.fp32_checked, report.fp32_rejected)  # None: the attack ran in fp32
+        autocast = autocast and checks[0] is not None
+        _record_radius(out, alive.tolist(), r, held, report.margin.cpu(), report.found_by_square,
+                       checks if autocast else None)
         if plan.save_adv is not None:
             _save_adversarial(plan.save_adv, [batch[i] for i in alive.tolist()], report.x_adv, ref[alive], eps,
                               plan.attack.norm)
@@ -209,17 +218,21 @@ def _attack_batch(metric, batch, plan, records, embeddings, position, preprocess
     for t, result in zip(batch, out):
         if plan.attack.square_queries <= 0:
             result["square_found"] = None
-        if not low_precision_known:
-            result["low_precision_only"] = None
+        if not autocast:
+            result["fp32_checked"] = result["fp32_rejected"] = None
         records[t.id].update(result)
 
 
-def _record_radius(out: list[dict], rows: list[int], r: int, held, margin, square_found, low) -> None:
-    """Outcomes at radius index ``r`` of the attacked rows; a break is carried to every larger radius."""
+def _record_radius(out: list[dict], rows: list[int], r: int, held, margin, square_found, checks) -> None:
+    """Outcomes at radius index ``r`` of the attacked rows; a break is carried to every larger radius.
+
+    ``checks``: the report's (fp32_checked, fp32_rejected) flags, or None for an fp32 attack.
+    """
     n = len(out[0]["robust_correct"])
     for j, row in enumerate(rows):
-        if low is not None and bool(low[j]):
-            out[row]["low_precision_only"][r] = True
+        if checks is not None:
+            out[row]["fp32_checked"][r] = bool(checks[0][j])
+            out[row]["fp32_rejected"][r] = bool(checks[1][j])
         if bool(held[j]):
             out[row]["margin"][r] = float(margin[j])
             continue
@@ -261,7 +274,9 @@ def _save_adversarial(folder: Path, items, x_adv, x, eps, norm) -> None:
 def summarize(index: DatasetIndex, records: dict, radii: list[float]) -> dict:
     """Per group and overall: ``clean`` (binarised accuracy, the headline), ``clean_score`` (LPIPS/
     DreamSim score, ties 0.5), ``n``; with radii, ``n_attacked`` and ``robust`` per radius (over the
-    attacked triplets), and ``low_precision_only`` per radius when the attack reports it.
+    attacked triplets), and, for an autocast attack, the counts per radius of triplets whose claimed
+    break needed an fp32 confirmation (``fp32_checked``) and of those where fp32 refused one
+    (``fp32_rejected``).
 
     Overall is the mean over subsets for BAPPS (as published; counts are summed), the mean over
     triplets otherwise.
@@ -274,15 +289,15 @@ def summarize(index: DatasetIndex, records: dict, radii: list[float]) -> dict:
         return {"overall": _stats([records[item.id] for item in index.items], radii), "groups": groups}
     stats = list(groups.values())
     overall: dict = {}
-    for key in ("n", "clean", "clean_score", "n_attacked", "robust", "low_precision_only"):
+    for key in ("n", "clean", "clean_score", "n_attacked", "robust", *FP32_COUNTS):
         values = [s[key] for s in stats if key in s]
-        if not values or (len(values) != len(stats) and key != "low_precision_only"):
+        if not values or (len(values) != len(stats) and key not in FP32_COUNTS):
             continue
         if key in ("clean", "clean_score"):
             overall[key] = sum(values) / len(values)
         elif key == "robust":
             overall[key] = [sum(v[r] for v in values) / len(values) for r in range(len(radii))]
-        elif key == "low_precision_only":
+        elif key in FP32_COUNTS:
             overall[key] = [sum(v[r] for v in values) for r in range(len(radii))]
         else:
             overall[key] = sum(values)
@@ -297,7 +312,8 @@ def _stats(recs: list[dict], radii: list[float]) -> dict:
     if radii and attacked:
         out["n_attacked"] = len(attacked)
         out["robust"] = [sum(bool(r["robust_correct"][k]) for r in attacked) / len(attacked) for k in range(len(radii))]
-        flags = [r["low_precision_only"] for r in attacked if r.get("low_precision_only") is not None]
-        if flags:
-            out["low_precision_only"] = [sum(bool(f[k]) for f in flags) for k in range(len(radii))]
+        for key in FP32_COUNTS:
+            flags = [r[key] for r in attacked if r.get(key) is not None]
+            if flags:
+                out[key] = [sum(bool(f[k]) for f in flags) for k in range(len(radii))]
     return out

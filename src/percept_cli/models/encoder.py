@@ -7,13 +7,17 @@ caller (distance, attacks, inversion, training) works directly in pixel space.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..io.preprocess import Preprocess
+
+
+def _channel_constant(values: Sequence[float]) -> torch.Tensor:
+    return torch.tensor(list(values), dtype=torch.float32).view(1, 3, 1, 1)
 
 
 class MLPHead(nn.Module):
@@ -61,8 +65,20 @@ class PixelEncoder(nn.Module):
         if self.preprocess.image_size != self.image_size:
             raise ValueError(f"preprocess makes {self.preprocess.image_size} px inputs, the encoder takes "
                              f"{self.image_size} px.")
-        self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self._constants = (tuple(float(m) for m in mean), tuple(float(s) for s in std))
+        self.register_buffer("mean", _channel_constant(self._constants[0]), persistent=False)
+        self.register_buffer("std", _channel_constant(self._constants[1]), persistent=False)
+
+    def _apply(self, fn, recurse: bool = True):
+        """What ``.to()``/``.half()``/``.double()`` run: the backbone and head take the new dtype, as
+        :meth:`set_compute_dtype` does; ``mean``/``std`` follow the device but stay float32 (at full
+        precision, rebuilt from the config's numbers rather than cast back)."""
+        super()._apply(fn, recurse)
+        if self.mean.dtype != torch.float32:
+            device = self.mean.device
+            self.mean = _channel_constant(self._constants[0]).to(device)
+            self.std = _channel_constant(self._constants[1]).to(device)
+        return self
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -71,13 +87,13 @@ class PixelEncoder(nn.Module):
             return param.dtype
         return torch.float32
 
-    def set_compute_dtype(self, dtype: torch.dtype) -> "PixelEncoder":
+    def set_compute_dtype(self, dtype: torch.dtype) -> PixelEncoder:
         """Cast backbone and head to ``dtype``, keeping the normalisation in float32."""
         self.backbone.to(dtype)
         self.head.to(dtype)
         return self
 
-    def set_head(self, head: nn.Module | None) -> "PixelEncoder":
+    def set_head(self, head: nn.Module | None) -> PixelEncoder:
         """Attach (or with None, remove) a head; it takes the backbone's device and dtype."""
         head = head if head is not None else nn.Identity()
         self.head = head.to(device=self.mean.device, dtype=self.compute_dtype)

@@ -12,20 +12,21 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import pickle
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 from torch import nn
 
-from . import hub
-from ..io.preprocess import Preprocess
-from .encoder import PixelEncoder, TextEncoder
-from .pooling import check_pooling, refuse_pooling, set_vit_pooling
 from ..errors import BadInputError, ModelFormatError, ModelUnavailableError
+from ..io.preprocess import Preprocess
+from . import hub
+from .encoder import PixelEncoder, TextEncoder
 from .naming import ModelRef
+from .pooling import check_pooling, refuse_pooling, set_vit_pooling
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -48,15 +49,48 @@ class ModelSource:
         return asdict(self)
 
 
+_LIBRARY_LOGGERS = ("timm", "open_clip")  # timm logs through ``timm.*`` loggers while building models
+
+
+class _DropOpenClipChatter(logging.Filter):
+    """Drops records below ERROR logged from open_clip's source files (it logs on the root logger)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        module = sys.modules.get("open_clip")
+        if record.levelno >= logging.ERROR or not getattr(module, "__file__", None):
+            return True
+        package = os.path.join(os.path.dirname(os.path.abspath(module.__file__)), "")
+        return not os.path.abspath(record.pathname).startswith(package)
+
+
 @contextlib.contextmanager
 def _quiet_logging():
-    """Silence the INFO/WARNING chatter that open_clip and timm log while building models."""
-    previous = logging.root.manager.disable
-    logging.disable(logging.WARNING)
+    """Silence the INFO/WARNING chatter that open_clip and timm log while building models, and nothing else.
+
+    The ``timm``/``open_clip`` loggers are raised to ERROR; a filter on the root *logger* (it sees only
+    records logged on the root logger itself, not those propagated from the user's loggers) drops
+    open_clip's ``logging.info(...)`` calls. An unconfigured root logger gets Python's last-resort handler
+    for the duration, so those calls do not run ``logging.basicConfig()`` behind the user's back.
+    Everything is restored on exit; other loggers are untouched.
+    """
+    loggers = [logging.getLogger(name) for name in _LIBRARY_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    chatter = _DropOpenClipChatter()
+    stand_in = None
+    if not logging.root.handlers:
+        stand_in = logging.lastResort or logging.NullHandler()
+        logging.root.addHandler(stand_in)
+    logging.root.addFilter(chatter)
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
     try:
         yield
     finally:
-        logging.disable(previous)
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+        logging.root.removeFilter(chatter)
+        if stand_in is not None:
+            logging.root.removeHandler(stand_in)
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -118,7 +152,7 @@ def _build_open_clip(root: Path | None, arch: str | None, quick_gelu: bool = Fal
     return model, open_clip.get_model_preprocess_cfg(model)
 
 
-def _load_open_clip(files: hub.ModelFiles, keep: Optional[dict] = None,
+def _load_open_clip(files: hub.ModelFiles, keep: dict | None = None,
                     quick_gelu: bool = False) -> tuple[nn.Module, tuple, tuple, int]:
     import open_clip
 
@@ -149,8 +183,8 @@ def _load_open_clip_checkpoint(arch: str, checkpoint: Path) -> tuple[nn.Module, 
     return model.visual, tuple(pp["mean"]), tuple(pp["std"]), _square_size(pp["size"], arch)
 
 
-def _load_timm(files: hub.ModelFiles, keep: Optional[dict] = None,
-               pooling: Optional[str] = None) -> tuple[nn.Module, tuple, tuple, int, Optional[str]]:
+def _load_timm(files: hub.ModelFiles, keep: dict | None = None,
+               pooling: str | None = None) -> tuple[nn.Module, tuple, tuple, int, str | None]:
     """(model, mean, std, size, pooling in force) of a timm model; ``keep`` is unused (no text tower)."""
     import timm
 
@@ -234,9 +268,9 @@ def load_encoder(ref: ModelRef, device: torch.device | str = "cpu",
 
 
 def load_encoder_and_text(ref: ModelRef, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                          with_text: bool = True, *, resize: Optional[int] = None, crop: Optional[int] = None,
-                          pooling: Optional[str] = None
-                          ) -> tuple[PixelEncoder, ModelSource, Optional[TextEncoder]]:
+                          with_text: bool = True, *, resize: int | None = None, crop: int | None = None,
+                          pooling: str | None = None
+                          ) -> tuple[PixelEncoder, ModelSource, TextEncoder | None]:
     """:func:`load_encoder`, plus the CLIP text tower (None for vision-only models or when not asked).
 
     A visual-encoder checkpoint (``--checkpoint``) has no trained text tower: None as well.
@@ -251,7 +285,7 @@ def load_encoder_and_text(ref: ModelRef, device: torch.device | str = "cpu", dty
     check_pooling(pooling)
     if pooling is None and ref.spec is not None:
         pooling = ref.spec.pooling
-    keep: Optional[dict] = {} if with_text else None
+    keep: dict | None = {} if with_text else None
     if ref.kind == "checkpoint":
         refuse_pooling(pooling, ref.name)
         backbone, mean, std, size = _load_open_clip_checkpoint(ref.identifier, ref.checkpoint)
@@ -287,8 +321,8 @@ def load_encoder_and_text(ref: ModelRef, device: torch.device | str = "cpu", dty
 NO_CROP = 0
 
 
-def input_geometry(ref: ModelRef, config_size: int, resize: Optional[int] = None,
-                   crop: Optional[int] = None) -> Preprocess:
+def input_geometry(ref: ModelRef, config_size: int, resize: int | None = None,
+                   crop: int | None = None) -> Preprocess:
     """The preprocessing of a model: the zoo entry's (resize, crop), else the config's size, then overrides.
 
     Args:
