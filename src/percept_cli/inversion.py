@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from .attacks import DistanceObjective, apgd
+from .attacks.core import bcast
 from .errors import BadInputError
 
 METHODS = ("apgd", "augmented")
@@ -174,7 +175,7 @@ def _invert_augmented(encoder, target, start, settings, progress, monitor) -> to
             sim = (F.normalize(encoder(x).float(), dim=-1) * target).sum(-1)
             better = sim > best_sim
             best_sim = torch.where(better, sim, best_sim)
-            best_x = torch.where(better.view(-1, 1, 1, 1), x, best_x)
+            best_x = torch.where(bcast(better, x), x, best_x)
         if progress is not None:
             progress(1)
         monitor(k + 1, best_x, best_sim - 1.0)

@@ -151,19 +151,15 @@ def attack_settings(norm: str, eps: Optional[str], iters: int, restarts: int, ra
     """AttackSettings from CLI values (validating norm, eps and dtype; BadInputError on bad ones).
 
     An l_inf eps above 1 is refused unless ``force``; one above 32/255 gets a warning on stderr.
+    ``dtype`` is the autocast precision (fp32: none).
     """
-    import torch
-
     from ..attacks import AttackSettings, parse_eps, parse_norm
-    from ..devices import resolve_dtype
 
     norm = parse_norm(norm)
     value = parse_eps(eps if eps is not None else DEFAULT_EPS[norm])
     check_radii([value], norm, force)
-    autocast = resolve_dtype(dtype)
     return AttackSettings(norm=norm, eps=value, iters=iters, restarts=restarts, random_start=random_start,
-                          seed=seed, loss=loss, autocast_dtype=None if autocast == torch.float32 else autocast,
-                          square_queries=square_queries, force=force)
+                          seed=seed, loss=loss, autocast_dtype=dtype, square_queries=square_queries, force=force)
 
 
 def threat_dict(settings, *, decision: bool = True) -> dict:
