@@ -1,11 +1,17 @@
-"""Cost of one APGD iteration vs. one forward+backward of the encoder, and memory over iterations.
+"""Cost of one APGD iteration vs. one forward+backward of the encoder, host-device syncs per
+iteration, and memory over iterations.
 
 Targets (issue #3): one APGD iteration <= 1.15x one forward+backward (w.r.t. the input) of the
 encoder on the batch being attacked; with early stopping, broken points leave the batch so later
-iterations cost less; no graph outlives its iteration (memory flat over iterations).
-Random weights of the real architecture (same compute as the pretrained model).
+iterations cost less; no graph outlives its iteration (memory flat over iterations). Issue 11:
+at GPU speeds the bookkeeping must not stall the device: syncs per iteration are counted (on CUDA
+with torch's sync debug mode; on the CPU on the simulated device of tests/simulated_device.py,
+which copies counts to the host asynchronously as CUDA does).
+Random weights of the real architecture (same compute as the pretrained model); ``--arch tiny-vit``
+is the tests' 1-layer ViT (width 32, patch 32, 224 px), where the per-iteration overhead shows.
 
     python benchmarks/bench_attack.py --arch convnext_base_w --batch 4 --iters 10 --device cpu
+    python benchmarks/bench_attack.py --arch tiny-vit --batch 64 --iters 20 --autocast bf16
 """
 
 from __future__ import annotations
@@ -14,11 +20,70 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
 from _common import random_metric
+
+TINY_VIT = {"embed_dim": 16, "vision_cfg": {"image_size": 224, "layers": 1, "width": 32, "patch_size": 32,
+                                            "head_width": 16},
+            "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1}}
+
+
+def build_metric(arch: str, device: torch.device):
+    """The benchmark's metric: an OpenCLIP architecture with random weights, or the tests' tiny ViT."""
+    if arch != "tiny-vit":
+        return random_metric(arch, device)[2]
+    from open_clip.model import CLIP
+
+    from percept_cli.metric import PerceptualMetric
+    from percept_cli.models.encoder import PixelEncoder
+    from percept_cli.models.loading import ModelSource
+
+    torch.manual_seed(0)
+    visual = CLIP(**TINY_VIT).visual.eval().to(device)
+    encoder = PixelEncoder(visual, [0.5] * 3, [0.25] * 3, 224).eval().requires_grad_(False)
+    return PerceptualMetric(encoder, ModelSource(arch, "benchmark", arch, "open_clip"))
+
+
+def syncs_per_iteration(objective, ref, autocast, device) -> float | None:
+    """Host-device syncs per APGD iteration (nothing breaking), from runs of 2 and 5 iterations."""
+    from percept_cli.attacks import apgd
+
+    if device.type == "cuda":
+        def count(n):
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                with warnings.catch_warnings(record=True) as seen:
+                    warnings.simplefilter("always")
+                    apgd(objective, ref, 1e-6, "linf", n, early_stop=True, autocast_dtype=autocast)
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+            return sum("synchroniz" in str(w.message) for w in seen)
+        return (count(5) - count(2)) / 3
+    if device.type != "cpu":
+        return None
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from simulated_device import SimulatedDevice
+
+    from percept_cli.attacks import TwoAFCObjective, core
+
+    def count(n):
+        saved = getattr(core, "ASYNC_HOST_COPY", None)  # None: code from before asynchronous counts
+        core.ASYNC_HOST_COPY = ("cuda", "cpu")
+        try:
+            with SimulatedDevice() as dev:
+                dev.put_module(objective.encoder)
+                sim = TwoAFCObjective(objective.encoder, dev.put(objective.left[:2]), dev.put(objective.right[:2]),
+                                      dev.put(objective.label[:2]))
+                apgd(sim, dev.put(ref[:2]), 1e-6, "linf", n, early_stop=True, autocast_dtype=autocast)
+                return sum(dev.syncs.values())
+        finally:
+            core.ASYNC_HOST_COPY = saved
+    return (count(5) - count(2)) / 3
 
 
 def rss_mib() -> float:
@@ -51,7 +116,7 @@ def main() -> None:
     device = torch.device(args.device)
     autocast = torch.bfloat16 if args.autocast == "bf16" else None
 
-    _, _, metric = random_metric(args.arch, device)
+    metric = build_metric(args.arch, device)
     encoder = metric.encoder
     g = torch.Generator().manual_seed(0)
     ref, left, right = (torch.rand(args.batch, 3, 224, 224, generator=g).to(device) for _ in range(3))
@@ -102,6 +167,9 @@ def main() -> None:
         "apgd_iteration_median_s": statistics.median(per_iter),
         "ratio_apgd_iteration_vs_fwd_bwd": statistics.median(per_iter) / statistics.median(bare),
         "target_ratio": 1.15,
+        "overhead_per_iteration_s": statistics.median(per_iter) - statistics.median(bare),
+        "syncs_per_iteration": syncs_per_iteration(objective, ref, autocast, device),
+        "syncs_counted_on": {"cuda": "torch.cuda sync debug mode", "cpu": "simulated device"}.get(device.type),
         "memory_mib_per_iteration": [round(m, 1) for m in mem_trace],
         "memory_kind": "cuda allocated" if device.type == "cuda" else "process RSS",
         "early_stop": {"eps": args.early_eps, "iteration_s": [round(t, 4) for t in early],
@@ -109,7 +177,8 @@ def main() -> None:
                        "evaluations": result.evaluations, "evaluations_without_early_stop":
                        args.batch * (args.iters + 1)},
     }
-    out = args.out or Path(__file__).parent / "results" / f"attack_{args.arch}_{device.type}.json"
+    name = f"attack_{args.arch}_{device.type}_b{args.batch}_{args.autocast or 'fp32'}.json"
+    out = args.out or Path(__file__).parent / "results" / name
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result_json, indent=2) + "\n")
     print(json.dumps(result_json, indent=2))

@@ -1,7 +1,9 @@
-"""Shared fixtures: tiny models in the Hub layouts, an offline Hub cache, synthetic images."""
+"""Shared fixtures: tiny models in the Hub layouts, an offline Hub cache, synthetic images; the
+``device`` parametrisation and the ``cuda`` marker (see :func:`cuda_test_device`)."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -12,6 +14,43 @@ from PIL import Image, ImageDraw
 sys.path.insert(0, str(Path(__file__).parent))
 
 import tiny_models  # noqa: E402
+
+# -- devices --------------------------------------------------------------------------------------
+# Tests marked ``cuda`` (tests/test_cuda.py) are deselected by default (pyproject: -m 'not cuda');
+# ``pytest -m cuda`` selects them. They run on the device cuda_test_device() names: ``cuda``, or what
+# PERCEPT_TEST_DEVICE says (``cpu``: a dry run of the same bodies on a machine without a GPU).
+
+
+def cuda_test_device() -> str:
+    """The device the ``cuda``-marked tests run on: $PERCEPT_TEST_DEVICE, default ``cuda``."""
+    return os.environ.get("PERCEPT_TEST_DEVICE", "cuda").strip().lower() or "cuda"
+
+
+def available_devices() -> list[str]:
+    """The devices device-parametrised tests run on: always ``cpu``; ``cuda`` where a GPU is present."""
+    import torch
+
+    return ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
+
+
+def pytest_collection_modifyitems(config, items):
+    """A selected ``cuda`` test skips, with the reason, when its device is CUDA and no GPU is present."""
+    import torch
+
+    device = cuda_test_device()
+    if not device.startswith("cuda") or torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU: torch.cuda.is_available() is False (set "
+                                   "PERCEPT_TEST_DEVICE=cpu to run these test bodies on the CPU)")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
+
+
+@pytest.fixture(params=available_devices())
+def device(request) -> str:
+    """``cpu``, and ``cuda`` where a GPU is present: the same test body runs on each."""
+    return request.param
 
 
 @pytest.fixture(scope="session")

@@ -520,3 +520,139 @@ def test_rounded_embedding_distance_is_recomputed_on_the_rounded_pixels(metric, 
     expected = (1 - e @ reference.T).mean(-1) if targeted else 1 - (e * reference).sum(-1)
     torch.testing.assert_close(rounded.distance, expected, atol=1e-5, rtol=1e-4)
     assert not torch.equal(rounded.pixels, report.x_adv)  # rounding did move the images
+
+
+# -- early stopping: a broken example's result is final, the others' trajectories unchanged -------------
+class _Ramp:
+    """Loss = <w_i, x - x0_i> (each example on its own: no batch effects); broken once the loss
+    passes the example's threshold, so examples break at different iterations."""
+
+    has_success = True
+
+    def __init__(self, x0, weight, threshold):
+        self.x0, self.weight, self.threshold = x0, weight, threshold
+
+    def __call__(self, x, index):
+        loss = ((x - self.x0[index]) * self.weight[index]).flatten(1).sum(1)
+        return loss, loss > self.threshold[index]
+
+
+def _ramp(batch, seed=0, device_put=lambda t: t):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(batch, 3, 4, 4, generator=g) * 0.5 + 0.25
+    weight = torch.randn(batch, 3, 4, 4, generator=g)
+    reach = 0.1 * weight.abs().flatten(1).sum(1)  # the loss at the corner of the ball, eps 0.1
+    threshold = reach * torch.linspace(0.3, 1.5, batch)  # some break soon, some late, some never
+    return device_put(x), _Ramp(*(device_put(t) for t in (x, weight, threshold)))
+
+
+def test_early_stopping_records_the_first_success_and_leaves_the_rest_alone():
+    x, objective = _ramp(32)
+    n = 20
+    seen = []
+    full = apgd(objective, x, 0.1, "linf", n, seed=3, monitor=lambda k, xb, lb: seen.append((xb.clone(), lb.clone())))
+    early = apgd(objective, x, 0.1, "linf", n, seed=3, early_stop=True)
+    # independent expectation from the full run: the first successful point of an example is a new
+    # best point (every earlier point had a loss below the threshold), so it is the best point after
+    # the first iteration whose best loss passes the threshold (or the start, if that passes already)
+    start_loss, _ = objective(apgd(objective, x, 0.1, "linf", 0, seed=3).x_adv, torch.arange(32))
+    start = apgd(objective, x, 0.1, "linf", 0, seed=3).x_adv
+    broken_at = [None] * 32
+    for i in range(32):
+        if start_loss[i] > objective.threshold[i]:
+            broken_at[i] = (start[i], start_loss[i])
+            continue
+        for xb, lb in seen:
+            if lb[i] > objective.threshold[i]:
+                broken_at[i] = (xb[i], lb[i])
+                break
+    assert torch.equal(early.broken, torch.tensor([b is not None for b in broken_at]))
+    assert 4 < int(early.broken.sum()) < 28  # examples break at many different iterations, and some never
+    for i, first in enumerate(broken_at):
+        if first is None:  # never broken: the same trajectory, to the last bit
+            assert torch.equal(early.x_adv[i], full.x_adv[i]) and torch.equal(early.loss[i], full.loss[i])
+        else:
+            assert torch.equal(early.x_adv[i], first[0]) and torch.equal(early.loss[i], first[1])
+    assert early.evaluations < full.evaluations
+
+
+# -- device handling and host-device syncs, on a simulated second device (tests/simulated_device.py) ----
+def test_example_ids_on_the_cpu_while_the_attack_runs_on_another_device():
+    # issue 11: eval-2afc builds the ids on the CPU; with_restarts indexed them with an index on the
+    # attack's device ("indices should be either on cpu or on the same device as the indexed tensor")
+    from simulated_device import SimulatedDevice
+
+    x, objective = _ramp(8, seed=1)
+    ids = torch.arange(40, 48)
+    kw = dict(eps=0.1, norm="linf", n_iter=3, restarts=3, seed=2, early_stop=True, example_ids=ids)
+    on_cpu = apgd(objective, x, **kw)
+    assert 0 < int(on_cpu.broken.sum()) < 8  # later restarts run on a subset: a device index from nonzero
+    with SimulatedDevice() as dev:
+        xd, objective_d = _ramp(8, seed=1, device_put=dev.put)
+        on_device = apgd(objective_d, xd, **kw)
+        assert on_device.x_adv.device == dev.device and on_device.broken.device == dev.device
+        assert ids.device == torch.device("cpu")
+    # the same numbers (the simulated device computes on the CPU)
+    assert torch.equal(on_device.x_adv, on_cpu.x_adv) and torch.equal(on_device.broken, on_cpu.broken)
+
+
+@pytest.mark.parametrize("dtype", [None, "bf16"])
+def test_attack_tasks_on_another_device_give_the_cpus_results(dtype):
+    from simulated_device import SimulatedDevice
+
+    metric = _linear_metric()
+    g = torch.Generator().manual_seed(0)
+    ref, left, right = (torch.rand(6, 3, 8, 8, generator=g) for _ in range(3))
+    settings = AttackSettings(norm="linf", eps=0.1, iters=4, restarts=2, autocast_dtype=dtype, square_queries=10)
+    with torch.no_grad():
+        e_left, e_right = metric.embed_pixels(left), metric.embed_pixels(right)
+    ids = torch.arange(6)  # on the CPU, as eval-2afc builds them
+    on_cpu = attack_2afc_embedded(metric, ref, e_left, e_right, None, settings, example_ids=ids)
+    assert 0 < int(on_cpu.robust_correct.sum()) < 6
+    with SimulatedDevice() as dev:
+        dev.put_module(metric)
+        report = attack_2afc_embedded(metric, ref, dev.put(e_left), dev.put(e_right), None, settings, example_ids=ids)
+        rounded = rounded_2afc(metric, report, ref, e_left, e_right, settings)
+        embedding = attack_embedding(metric, ref[:2], left[:2], replace(settings, norm="l2", eps=0.5))
+        outputs = (report.x_adv, report.robust_correct, rounded.pixels, embedding.x_adv)
+        assert {t.device for t in outputs} == {dev.device}
+        x_adv, robust = report.x_adv.cpu(), report.robust_correct.cpu()
+    assert torch.equal(x_adv, on_cpu.x_adv) and torch.equal(robust, on_cpu.robust_correct)
+
+
+def _syncs(attack, batch, n, dtype=None, breaks=False):
+    """Host-device synchronisations of one attack run on the simulated device, which (as CUDA) takes
+    counts to the host by an asynchronous copy (percept_cli.attacks.core.ASYNC_HOST_COPY)."""
+    from simulated_device import SimulatedDevice
+
+    from percept_cli.attacks import core
+
+    with pytest.MonkeyPatch.context() as patch, SimulatedDevice() as dev:
+        patch.setattr(core, "ASYNC_HOST_COPY", ("cuda", "cpu"))
+        x, objective = _ramp(batch, device_put=dev.put)
+        if not breaks:
+            objective.threshold = objective.threshold + 1e3
+        if attack == "apgd":
+            apgd(objective, x, 0.1, "linf", n, early_stop=True, autocast_dtype=dtype)
+        elif attack == "pgd":
+            pgd(objective, x, 0.1, "linf", n, autocast_dtype=dtype)
+        else:
+            square(objective, x, 0.1, "l2", n, autocast_dtype=dtype)
+        return sum(dev.syncs.values())
+
+
+@pytest.mark.parametrize("attack, fp32, bf16", [("apgd", 0, 1), ("pgd", 0, 1), ("square", 1, 1)])
+def test_iterations_make_a_fixed_number_of_host_syncs_whatever_the_batch(attack, fp32, bf16):
+    # per iteration with nothing breaking: APGD and PGD none in fp32, one under autocast (how many
+    # claims the fp32 confirmation must check); Square one (whether a point broke before the next query)
+    for dtype, per_iteration in ((None, fp32), (torch.bfloat16, bf16)):
+        for batch in (2, 24):
+            assert _syncs(attack, batch, 9, dtype) - _syncs(attack, batch, 3, dtype) == 6 * per_iteration
+
+
+@pytest.mark.parametrize("batch", [8, 48])
+def test_early_stopping_drops_broken_examples_with_few_syncs(batch):
+    # examples breaking at many different iterations: broken ones leave the batch with one sync per
+    # drop, and drops come every few iterations, not every iteration (was 7 or more per iteration)
+    n = 24
+    assert _syncs("apgd", batch, n, breaks=True) <= n // 2

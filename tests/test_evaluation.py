@@ -1,5 +1,6 @@
 """Evaluation engine: score formulas, agreement with a direct computation, robust bounds, 2AFC ties,
-BAPPS protocol (binarised accuracy, bilinear upsampling), batch-independent random starts."""
+BAPPS protocol (binarised accuracy, bilinear upsampling), batch-independent random starts, each
+image decoded once per run, results independent of the attack batch size."""
 
 from __future__ import annotations
 
@@ -354,3 +355,63 @@ def test_runner_reports_through_events_and_prints_nothing(metric, tmp_path, capf
     events.clear()
     runner.run(resumed, lambda name: pytest.fail("loaded a finished model"), on_event=events.append)
     assert [(e.kind, e.model) for e in events] == [("skipped", "tiny")]
+
+
+@pytest.mark.parametrize("dataset, protocol, cache", [("nights", "paper", None), ("bapps", "paper", None),
+                                                      ("bapps", "native", None), ("bapps", "paper", 0)],
+                         ids=["nights", "bapps-bilinear", "bapps-native", "bapps-no-cache"])
+def test_attack_pass_attacks_the_pixels_the_clean_pass_decoded(metric, tmp_path, monkeypatch, dataset, protocol,
+                                                              cache):
+    """Each image is decoded once per run; the attacked references are those very pixels, equal to
+    ``metric.pixels`` of the files with the protocol's geometry. With no memory for them (cache 0) the
+    references are decoded again through the DataLoader path, never one by one by ``metric.pixels``."""
+    from collections import Counter
+
+    from percept_cli import metric as metric_module
+    from percept_cli.evaluation import twoafc
+    from percept_cli.io import data
+
+    if dataset == "nights":
+        index = load_dataset("nights", sd.make_nights(tmp_path / "n", n=24), "test")
+    else:
+        index = load_dataset("bapps", sd.make_bapps(tmp_path / "b", n=5))
+    by_loader, by_main = Counter(), Counter()
+    real_read, real_attack = data.read_image, twoafc.attack_2afc_embedded
+    monkeypatch.setattr(data, "read_image", lambda path: by_loader.update([str(path)]) or real_read(path))
+    monkeypatch.setattr(metric_module, "read_image", lambda path: by_main.update([str(path)]) or real_read(path))
+    monkeypatch.setattr(metric, "num_workers", 0)  # decode in this process, where the counters are
+    attacked = []
+    monkeypatch.setattr(twoafc, "attack_2afc_embedded",
+                        lambda m, ref, *a, **k: attacked.append(ref.clone()) or real_attack(m, ref, *a, **k))
+    plan = EvalPlan([0.01], AttackSettings(norm="l2", iters=1), batch_size=4, protocol=protocol, attack_batch_size=3,
+                    **({} if cache is None else {"pixel_cache_bytes": cache}))
+    records = evaluate_model(metric, index, plan, {}, Dist())
+    refs = [t.ref for t in index.items if records[t.id]["clean_correct"]]
+    batches = [3] * (len(refs) // 3) + ([len(refs) % 3] if len(refs) % 3 else [])
+    assert len(refs) >= 3 and [len(x) for x in attacked] == batches  # cut by attack_batch_size, not batch_size
+    again = Counter(refs) if cache == 0 else Counter()
+    assert by_loader == Counter(index.distinct_images()) + again and not by_main
+    expected = metric.pixels(refs, preprocess=twoafc.input_preprocess(metric, index, protocol))
+    assert torch.equal(torch.cat(attacked), expected)
+
+
+def test_attack_batch_size_does_not_change_any_result(metric, tmp_path, monkeypatch):
+    from percept_cli.evaluation import twoafc
+
+    index = load_dataset("nights", sd.make_nights(tmp_path / "n", n=24), "test")
+    sizes, real = [], twoafc.attack_2afc_embedded
+    monkeypatch.setattr(twoafc, "attack_2afc_embedded",
+                        lambda m, ref, *a, **k: sizes.append(len(ref)) or real(m, ref, *a, **k))
+    settings = AttackSettings(norm="linf", iters=2, restarts=2)
+    runs = {}
+    for size in (2, 5):
+        sizes.clear()
+        runs[size] = evaluate_model(metric, index, EvalPlan([1 / 255, 2 / 255], settings, batch_size=4,
+                                                            attack_batch_size=size), {}, Dist())
+        assert max(sizes) == size  # 5 clean-correct triplets: batches of 2, 2, 1, or one of 5
+    for key, one in runs[2].items():  # decisions identical; margins up to float32 rounding of batched matmuls
+        other = runs[5][key]
+        assert {k: v for k, v in one.items() if k != "margin"} == {k: v for k, v in other.items() if k != "margin"}
+        assert one["margin"] == pytest.approx(other["margin"], abs=1e-6)
+    robust = [r["robust_correct"] for r in runs[2].values() if r["clean_correct"]]
+    assert {r[0] for r in robust} == {True, False}  # at the smaller radius some held (attacked again), some broke

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from percept_cli.errors import BadInputError, ImageReadError
@@ -191,3 +192,45 @@ def test_empty_directory_hint_is_an_option_hint(tmp_path):
     with pytest.raises(BadInputError) as info:
         list_images(tmp_path, recursive=True)
     assert not info.value.option_hints
+
+
+# --- how many processes decode files (io.data.default_workers) ------------------------------------
+
+@pytest.mark.parametrize("cores, local, n, batch, workers", [
+    (16, None, 6360, 32, 15),   # NIGHTS' test split on a 16-core GPU machine: every core but the main one
+    (2, None, 6360, 32, 1),     # this 2-core machine: one decoder beside the main process
+    (1, None, 6360, 32, 1),     # a single core still gets one decoder (the floor)
+    (16, None, 32, 32, 0),      # one batch: no process start-up at all
+    (16, None, 100, 32, 4),     # 4 batches: no more decoders than batches
+    (128, None, 100000, 32, 32),  # the cap
+    (16, "4", 6360, 32, 3),     # torchrun, 4 processes on this machine: 16 // 4 cores each, less one
+])
+def test_decoders_use_every_available_core_but_one(monkeypatch, cores, local, n, batch, workers):
+    import os
+
+    from percept_cli.io import data
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 999)  # the affinity mask wins over the machine's count
+    if local is None:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local)
+    assert data.default_workers(n, batch) == workers
+
+
+def test_file_batches_come_back_in_order_with_failures_as_records(tmp_path):
+    from percept_cli.io.data import iter_file_batches
+    from percept_cli.io.preprocess import Preprocess
+
+    paths = []
+    for i in range(5):
+        paths.append(tmp_path / f"{i}.png")
+        Image.new("RGB", (20, 12), (40 * i, 0, 0)).save(paths[-1])
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    paths.insert(2, tmp_path / "bad.png")
+    got = list(iter_file_batches(paths, Preprocess(8, crop=False), 3, num_workers=2))
+    assert [indices for indices, _, _ in got] == [[0, 1], [3, 4, 5]]
+    assert [(f.path, "not an image" in f.reason) for _, _, failed in got for f in failed] == [(str(paths[2]), True)]
+    reds = torch.cat([batch[:, 0, 0, 0] for _, batch, _ in got]).tolist()
+    assert reds == [0, 40, 80, 120, 160]  # decoded by two worker processes, in input order

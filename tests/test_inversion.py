@@ -184,3 +184,18 @@ def test_inversion_target_names_and_checks():
         InversionTarget.text("   ")
     with pytest.raises(BadInputError, match="kind"):
         InversionTarget("video", "x.mp4")
+
+
+@pytest.mark.parametrize("method", ["apgd", "augmented"])
+def test_both_methods_run_their_gradient_steps_under_the_requested_autocast(metric, target, method):
+    """--dtype bf16 must reach the optimisation's forward passes for both methods (the final
+    similarity stays fp32): the encoder sees autocast on during some calls and off during others."""
+    seen = []
+    handle = metric.encoder.register_forward_hook(lambda *_: seen.append(torch.is_autocast_enabled("cpu")))
+    try:
+        settings = InversionSettings(method=method, iters=2, autocast_dtype="bf16")
+        result = invert(metric, target, [0], settings)
+    finally:
+        handle.remove()
+    assert True in seen and False in seen
+    assert result.similarity.dtype == torch.float32

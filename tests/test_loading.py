@@ -371,11 +371,11 @@ def test_openai_derived_l14_with_gelu_config_still_runs_quick_gelu(offline_hub, 
 
 def test_quick_gelu_safety_net_refuses_a_gelu_tower(offline_hub, tmp_path, monkeypatch):
     """If the build ever ignores the forced QuickGELU, loading stops instead of giving wrong numbers."""
-    from percept_cli.models import loading
+    from percept_cli.models import openclip
 
     ref, _ = _openai_l14_like(offline_hub, tmp_path, tiny_models.VIT_CFG, "gelu-config-2")
-    real_build = loading._build_open_clip
-    monkeypatch.setattr(loading, "_build_open_clip", lambda root, arch, quick_gelu=False: real_build(root, arch))
+    real_config = openclip.open_clip_config
+    monkeypatch.setattr(openclip, "open_clip_config", lambda path, arch, quick_gelu=False: real_config(path, arch))
     with pytest.raises(ModelFormatError, match="QuickGELU") as info:
         load_encoder(ref)
     assert '"quick_gelu": true' in str(info.value)
@@ -417,9 +417,10 @@ def _logs_like_user_code(real):
 def test_loading_silences_library_chatter_but_not_the_users_logs(tiny_vit, tmp_path, caplog, monkeypatch):
     import open_clip
     import timm
+    from open_clip import model as clip_model
 
     tiny_models.save_timm_dir(tmp_path / "timm", seed=0)
-    monkeypatch.setattr(open_clip, "create_model", _logs_like_user_code(open_clip.create_model))
+    monkeypatch.setattr(clip_model, "_build_vision_tower", _logs_like_user_code(clip_model._build_vision_tower))
     monkeypatch.setattr(timm, "create_model", _logs_like_user_code(timm.create_model))
     open_clip_dir = Path(open_clip.__file__).resolve().parent
 
@@ -449,3 +450,168 @@ def test_loading_leaves_an_unconfigured_root_logger_unconfigured(tiny_vit, monke
     load_encoder(parse_model_name(str(tiny_vit[0])))
     assert logging.root.handlers == [] and logging.root.filters == []
     assert logging.getLogger("timm").level == logging.NOTSET
+
+
+# --- built without random initialisation: the same model as open_clip's and timm's own loading ------
+
+def _open_clip_reference(directory: Path):
+    """The model open_clip's own path builds and loads from ``directory`` (random init, then weights), in eval
+    mode and frozen as percept runs models (frozen attention takes PyTorch's fused path: other last bits)."""
+    import open_clip
+
+    model = open_clip.create_model(f"local-dir:{directory}", pretrained=None, load_weights=False,
+                                   pretrained_text=False)
+    weights = next(directory / name for name in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+                   if (directory / name).is_file())
+    open_clip.load_checkpoint(model, str(weights), strict=True, weights_only=True)
+    return model.eval().requires_grad_(False)
+
+
+def _tensors_equal(ours: dict, reference: dict) -> None:
+    assert ours.keys() == reference.keys()
+    for name, tensor in ours.items():
+        assert not tensor.is_meta, name
+        assert tensor.dtype == reference[name].dtype and torch.equal(tensor.cpu(), reference[name]), name
+
+
+@pytest.mark.parametrize("case", ["vit", "vit-quickgelu", "convnext", "vit-fp16-weights", "vit-bin", "vit-other-grid"])
+def test_vision_tower_is_open_clips_own_loading_bit_for_bit(case, tmp_path, device):
+    cfg = {"vit": tiny_models.VIT_CFG, "vit-quickgelu": tiny_models.VIT_QUICKGELU_CFG,
+           "convnext": tiny_models.CONVNEXT_CFG}.get(case, tiny_models.VIT_CFG)
+    weights_name = "open_clip_pytorch_model.bin" if case == "vit-bin" else "open_clip_model.safetensors"
+    tiny_models.save_open_clip_dir(tmp_path / case, cfg, seed=21, weights_name=weights_name)
+    if case == "vit-fp16-weights":  # half-precision files: parameters still fp32, as a copying load gives
+        from safetensors.torch import load_file, save_file
+
+        path = str(tmp_path / case / weights_name)
+        save_file({k: v.half() for k, v in load_file(path).items()}, path)
+    if case == "vit-other-grid":  # weights for a 7x7 patch grid, config for 8x8: open_clip resizes the grid
+        config_path = tmp_path / case / "open_clip_config.json"
+        config = json.loads(config_path.read_text())
+        config["model_cfg"]["vision_cfg"]["image_size"] = 256
+        config_path.write_text(json.dumps(config))
+    reference = _open_clip_reference(tmp_path / case).to(device)
+    encoder, _ = load_encoder(parse_model_name(str(tmp_path / case)), device=device)
+    _tensors_equal(dict([*encoder.backbone.named_parameters(), *encoder.backbone.named_buffers()]),
+                   {k: v.cpu() for k, v in [*reference.visual.named_parameters(), *reference.visual.named_buffers()]})
+    if device == "cpu":  # as torch allocates: MKL/oneDNN round differently on unaligned weights of large layers
+        assert all(p.data_ptr() % 64 == 0 for p in encoder.backbone.parameters())
+    size = encoder.image_size
+    x = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
+    with torch.no_grad():
+        ours, theirs = encoder(x), reference.encode_image(encoder.normalize(x))
+    if device == "cpu":
+        assert torch.equal(ours, theirs)
+    else:  # GPU kernels need not be bit-reproducible between two model instances
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_text_tower_and_its_computed_attention_mask_match_open_clip(tiny_vit):
+    """The causal attention mask is computed in the constructor and in no checkpoint: it must survive."""
+    from percept_cli import load_metric
+
+    directory, _ = tiny_vit
+    metric = load_metric(str(directory), device="cpu", with_text=True)
+    reference = _open_clip_reference(directory)
+    clip = metric.text_encoder.model
+    _tensors_equal(dict([*clip.named_parameters(), *clip.named_buffers()]),
+                   dict([*reference.named_parameters(), *reference.named_buffers()]))
+    length = tiny_models.TEXT_CFG["context_length"]
+    causal = torch.full((length, length), float("-inf")).triu(1)  # position i sees positions <= i only
+    assert torch.equal(clip.attn_mask, causal)
+    prompts = ["a photo of a cat", "a diagram"]
+    import open_clip
+
+    tokens = open_clip.get_tokenizer(f"local-dir:{directory}")(prompts)
+    with torch.no_grad():
+        expected = F.normalize(reference.encode_text(tokens).float(), dim=-1)
+    assert torch.equal(metric.embed_text(prompts), expected)
+
+
+def test_timm_buffers_computed_at_build_time_survive(tmp_path):
+    """Swin's relative-position index is a buffer no checkpoint holds; the loaded model must still have it."""
+    import timm
+
+    config = tiny_models.timm_config(architecture="swin_tiny_patch4_window7_224",
+                                     model_args={"embed_dim": 16, "depths": [1, 1], "num_heads": [1, 2],
+                                                 "img_size": 56, "window_size": 7})
+    config["pretrained_cfg"]["input_size"] = [3, 56, 56]
+    config["pretrained_cfg"]["classifier"] = "head.fc"
+    model = tiny_models.save_timm_dir(tmp_path / "swin", seed=5, config=config)
+    reference = timm.create_model(config["architecture"], pretrained=False, num_classes=0, **config["model_args"])
+    reference.load_state_dict(model.state_dict())  # rebuilt the ordinary way: its own computed buffers
+    encoder, _ = load_encoder(parse_model_name(str(tmp_path / "swin")))
+    buffers = dict(encoder.backbone.named_buffers())
+    assert any(name.endswith("relative_position_index") for name in buffers)
+    _tensors_equal(buffers, dict(reference.eval().named_buffers()))
+    x = torch.rand(2, 3, 56, 56)
+    with torch.no_grad():
+        assert torch.equal(encoder(x), reference(encoder.normalize(x)))
+
+
+def test_loaded_weights_do_not_depend_on_the_file_afterwards(tiny_vit, tmp_path):
+    """Rewriting the weights file in place (a training loop saving over it) leaves a loaded model as it was."""
+    shutil.copytree(tiny_vit[0], tmp_path / "m")
+    encoder, _ = load_encoder(parse_model_name(str(tmp_path / "m")))
+    x = torch.rand(1, 3, 224, 224)
+    with torch.no_grad():
+        before = encoder(x)
+    weights_file = tmp_path / "m" / "open_clip_model.safetensors"
+    with open(weights_file, "r+b") as file:  # same inode, zeroed and truncated
+        size = file.seek(0, 2)
+        file.seek(0)
+        file.write(bytes(size))
+        file.truncate(size // 2)
+    with torch.no_grad():
+        assert torch.equal(encoder(x), before)
+
+
+def test_safetensors_reading_matches_the_safetensors_library(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    tensors = {"module.f32": torch.randn(3, 5), "module.f16": torch.randn(7).half(),
+               "module.bf16": torch.randn(2, 2).bfloat16(), "module.i64": torch.arange(6).view(2, 3),
+               "module.flags": torch.tensor([True, False, True]), "module.scalar": torch.tensor(2.5),
+               "module.empty": torch.zeros(0, 4), "module.visual.x": torch.randn(4)}
+    save_file(tensors, str(tmp_path / "w.safetensors"))
+    expected = {k[len("module."):]: v for k, v in load_file(str(tmp_path / "w.safetensors")).items()}
+    ours = read_state_dict(tmp_path / "w.safetensors")
+    _tensors_equal(ours, expected)
+    from percept_cli.models.weights import tower
+
+    assert set(read_state_dict(tmp_path / "w.safetensors", select=tower("visual."))) == {"visual.x"}
+    assert set(read_state_dict(tmp_path / "w.safetensors", select=tower("text."))) == set(expected)
+
+
+def test_building_on_meta_leaves_other_threads_and_later_builds_alone():
+    import threading
+
+    from torch import nn
+
+    from percept_cli.models.weights import parameters_on_meta
+
+    other = {}
+    with parameters_on_meta():
+        inside = nn.Linear(3, 3)
+        thread = threading.Thread(target=lambda: other.update(model=nn.Linear(3, 3)))
+        thread.start()
+        thread.join()
+    assert inside.weight.is_meta
+    assert not other["model"].weight.is_meta and other["model"].weight.abs().sum() > 0  # initialised
+    after = nn.Linear(3, 3)
+    assert not after.weight.is_meta and after.weight.abs().sum() > 0
+
+
+def test_a_module_that_reads_its_parameters_while_built_is_built_the_ordinary_way():
+    from torch import nn
+
+    from percept_cli.models.weights import build_without_init
+
+    class ReadsItsWeight(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.full((1,), 3.0))
+            self.factor = float(self.scale.detach()) * 2  # impossible on the meta device
+
+    module = build_without_init(ReadsItsWeight)
+    assert not module.scale.is_meta and module.factor == 6.0

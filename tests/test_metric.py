@@ -380,3 +380,30 @@ def test_ddp_wraps_a_model_holding_a_trainable_metric(fresh_metric, tmp_path):
             optimizer.step()
     finally:
         dist.destroy_process_group()
+
+
+def test_compile_option_runs_the_backbone_through_torch_compile(tiny_vit, monkeypatch):
+    """``load_metric(compile=True)`` and the CLI's ``--compile`` (through ``Common``): same embeddings, and the
+    backbone's forward went through torch.compile (a recording stand-in here; the real one needs minutes)."""
+    from percept_cli.cli.options import Common
+    from percept_cli.cli.output import Output
+
+    directory, _ = tiny_vit
+    x = torch.rand(2, 3, 224, 224)
+    plain = load_metric(str(directory), device="cpu").embed(x)
+    compiled = []
+
+    def recording_compile(module, **kwargs):
+        compiled.append(module)
+        return lambda *args, **kw: (compiled.append(args[0].shape), module(*args, **kw))[1]
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    metric = load_metric(str(directory), device="cpu", compile=True)
+    assert compiled == []  # compiled at the first forward, not at load time
+    assert torch.equal(metric.embed(x), plain)
+    assert compiled == [metric.encoder.backbone, (2, 3, 224, 224)]
+    output = Output(False, True)
+    assert Common(model=str(directory), device="cpu", compile=True).load_metric(output).encoder.compiled
+    assert not Common(model=str(directory), device="cpu").load_metric(output).encoder.compiled
+    assert not Common(model=str(directory), device="cpu", compile=True).load_metric(
+        output, str(directory), geometry=False).encoder.compiled  # a judge model runs a few forwards only

@@ -206,3 +206,31 @@ def test_unknown_input_range_and_check_false():
     assert float(y.max()) == 7.0
     with pytest.raises(BadInputError, match="NaN|must lie"):
         as_pixel_batch(torch.full((3, 4, 4), float("nan")))
+
+
+# --- files through the decoding workers: full-resolution decoding, no JPEG draft shortcut ------------
+
+@pytest.mark.parametrize("size", [(1024, 768), (2000, 1500)])
+def test_large_jpeg_files_decode_at_full_resolution_like_torchvision(tmp_path, size):
+    """A JPEG much larger than the input goes through the file pipeline exactly as torchvision's
+    Resize(256, bicubic) + CenterCrop(224) on the fully decoded file: uint8 for uint8, no difference.
+    Pillow's ``draft`` (decoding at a reduced DCT scale, 2-5x faster) would not be: the test shows it
+    changes pixels, which is why it is not used."""
+    from PIL import Image
+    from torchvision import transforms
+
+    from percept_cli.io.data import iter_file_batches
+
+    path = tmp_path / "big.jpg"
+    make_picture(3, (size[0] // 16, size[1] // 16)).resize(size, Image.BICUBIC).save(path, quality=90)
+    reference = transforms.Compose([transforms.Resize(256, interpolation=transforms.InterpolationMode.BICUBIC),
+                                    transforms.CenterCrop(224), transforms.PILToTensor()])
+    expected = reference(Image.open(path).convert("RGB"))
+    [(indices, batch, failures)] = list(iter_file_batches([path], Preprocess(224, resize=256), 4, num_workers=0))
+    assert indices == [0] and failures == [] and batch.dtype == torch.uint8
+    assert torch.equal(batch[0], expected)
+    drafted = Image.open(path)
+    drafted.draft("RGB", (256 * size[0] // size[1], 256))  # the shortcut: decode at 1/2, 1/4 or 1/8 scale
+    assert drafted.size != size
+    difference = (reference(drafted.convert("RGB")).int() - expected.int()).abs()
+    assert difference.max() >= 2  # measured: up to 3 (1024x768) and 4 (2000x1500) levels of 255

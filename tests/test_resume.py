@@ -111,6 +111,37 @@ def test_resume_with_a_different_option_is_refused_with_only_partials(partial_on
     assert not out.exists() and (out.parent / "part.json.rank0.partial.json").read_bytes() == before
 
 
+def test_resume_with_another_attack_batch_size_gives_the_uninterrupted_results(partial_only, tmp_path):
+    """APGD seeds each triplet by its dataset position: the attack batches may change on resume."""
+    root, model, out = partial_only
+    resumed = _resume(root, model, out, "--attack-batch-size", "3")  # the interrupted run attacked 1 at a time
+    assert resumed.exit_code == 0, resumed.output
+    full = tmp_path / "full.json"
+    assert run("eval-2afc", "--dataset", "nights", "--root", root, *BASE_ATTACK, "--out", full, "--model", model,
+               "--device", "cpu", "--batch-size", "1").exit_code == 0
+    got, want = ({t["id"]: t for t in json.loads(p.read_text())["models"][str(model)]["triplets"]} for p in (out, full))
+    assert got.keys() == want.keys() and any(t["attacked"] and t["clean_correct"] for t in want.values())
+    for key, rec in want.items():  # decisions identical; margins up to float32 rounding of batched matmuls
+        assert {k: v for k, v in got[key].items() if k != "margin"} == {k: v for k, v in rec.items() if k != "margin"}
+        assert got[key]["margin"] == pytest.approx(rec["margin"], abs=1e-6)
+
+
+def test_with_square_the_attack_batch_size_is_a_setting(interrupted, tmp_path):
+    """Square Attack draws its random squares for a whole batch, so its outcomes depend on the batches:
+    with --attack square the attack batch size (on a CPU, --batch-size by default) must match on resume."""
+    root, model, _ = interrupted
+    out = tmp_path / "square.json"
+    attack = ["--attack", "l2", "--attack", "square", "--square-queries", "2", "--sweep-eps", "0.05", "--iters", "1"]
+    first = run("eval-2afc", "--dataset", "nights", "--root", root, *attack, "--out", out, "--model", model,
+                "--device", "cpu", "--batch-size", "2")
+    assert first.exit_code == 0, first.output
+    assert json.loads(out.read_text())["attack_batch_size"] == 2
+    other = _resume(root, model, out, "--attack-batch-size", "3", attack=attack)
+    assert other.exit_code == 2, other.output
+    made_with, now = other.stderr.split("; now ")
+    assert "attack_batch_size=2" in made_with and "attack_batch_size=3" in now
+
+
 def test_resuming_l2_partials_with_linf_is_refused(partial_only):
     """The reported case: an l2 partial resumed as linf used to mix the two attacks."""
     root, model, out = partial_only
@@ -201,6 +232,7 @@ CHANGES = [
     (("model_options", "resize"), 256, "resize=default", "resize=256"),
     (("model_options", "crop"), "none", "crop=default", "crop=none"),
     (("model_options", "pooling"), "token", "pooling=default", "pooling=token"),
+    (("attack_batch_size",), 64, "attack_batch_size=default", "attack_batch_size=64"),  # recorded with Square only
 ]
 
 

@@ -17,15 +17,17 @@ import torch
 
 @dataclass(frozen=True)
 class Dist:
-    """This process's place in the job (rank 0 of 1 when not under torchrun)."""
+    """This process's place in the job (rank 0 of 1, no process group, when not under torchrun)."""
 
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    joined: bool = False  # a member of a torch.distributed process group (torchrun, even with 1 process)
 
     @property
     def enabled(self) -> bool:
-        return self.world > 1
+        """Whether collectives run: under torchrun, whatever the number of processes."""
+        return self.joined
 
     @property
     def is_main(self) -> bool:
@@ -36,25 +38,46 @@ class Dist:
         return batch_index % self.world == self.rank
 
 
+def _wants_cuda(device: str) -> bool:
+    text = (device or "auto").strip().lower()
+    return torch.cuda.is_available() and (text == "auto" or text.startswith("cuda"))
+
+
 def init(device: str = "auto") -> Dist:
-    """Join the torchrun process group if there is one; returns Dist() otherwise."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    """Join the torchrun process group if torchrun started this process (RANK and WORLD_SIZE set, also
+    for a single process: the same code path as a multi-GPU job); returns Dist() otherwise.
+
+    The backend is NCCL when this rank runs on CUDA, else gloo; each rank's current CUDA device is
+    its LOCAL_RANK.
+
+    Raises:
+        BadInputError: an explicit ``cuda:N`` under torchrun with several processes (each rank takes
+            its own GPU, cuda:LOCAL_RANK; pass --device cuda or auto).
+    """
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return Dist()
     import torch.distributed as tdist
 
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() and (device == "auto" or device.startswith("cuda"))
+    from .errors import BadInputError
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    text = (device or "auto").strip().lower()
+    if world > 1 and text.startswith("cuda:"):
+        raise BadInputError(f"--device {device} under torchrun with {world} processes: each process uses its own "
+                            "GPU (cuda:LOCAL_RANK); pass --device cuda or auto.")
+    use_cuda = _wants_cuda(device)
     if not tdist.is_initialized():
         if use_cuda:
             torch.cuda.set_device(local_rank)
         tdist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return Dist(rank, world, local_rank)
+    return Dist(rank, world, local_rank, joined=True)
 
 
 def device_for(dist: Dist, device: str) -> str:
-    """The device this rank uses: its own GPU (cuda:LOCAL_RANK) when several processes share a node."""
-    if dist.enabled and (device in ("auto", "cuda")) and torch.cuda.is_available():
+    """The device this rank uses: its own GPU (cuda:LOCAL_RANK) under torchrun with ``auto``/``cuda``."""
+    text = (device or "auto").strip().lower()
+    if dist.enabled and text in ("auto", "cuda") and torch.cuda.is_available():
         return f"cuda:{dist.local_rank}"
     return device
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from .attacks import DistanceObjective, apgd
-from .attacks.core import bcast
+from .attacks.core import autocast, bcast
 from .errors import BadInputError
 
 METHODS = ("apgd", "augmented")
@@ -112,10 +112,10 @@ def invert(metric, target: torch.Tensor, seeds: Sequence[int], settings: Inversi
     encoder = _encoder_at(metric, size)
     target = F.normalize(target.float().to(metric.device).reshape(1, -1), dim=-1).expand(len(seeds), -1)
     start = initial_images(seeds, size, settings.init_noise, metric.device)
-    trace: list[list[float]] = []
+    trace: list[torch.Tensor] = []  # kept on the device: no host sync per iteration
 
     def monitor(k, x_best, loss_best):
-        trace.append((loss_best + 1.0).tolist())  # DistanceObjective(sign=-1) loss is cos - 1
+        trace.append((loss_best + 1.0).detach())  # DistanceObjective(sign=-1) loss is cos - 1
         if on_iteration is not None:
             on_iteration(k, x_best, loss_best + 1.0)
 
@@ -129,7 +129,8 @@ def invert(metric, target: torch.Tensor, seeds: Sequence[int], settings: Inversi
         images = _invert_augmented(encoder, target, start, settings, progress, monitor)
     with torch.no_grad():
         similarity = (F.normalize(encoder(images).float(), dim=-1) * target).sum(-1)
-    return InversionResult(images.detach(), similarity, list(seeds), start, trace)
+    history = torch.stack(trace).cpu().tolist() if trace else []
+    return InversionResult(images.detach(), similarity, list(seeds), start, history)
 
 
 def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -165,7 +166,8 @@ def _invert_augmented(encoder, target, start, settings, progress, monitor) -> to
     best_x = start.clone()
     for k in range(settings.iters):
         views = torch.cat([augment(x, generator) for _ in range(settings.views)])
-        emb = F.normalize(encoder(views).float(), dim=-1)
+        with autocast(x.device, settings.autocast_dtype):  # --dtype: the forward/backward's precision
+            emb = F.normalize(encoder(views).float(), dim=-1)
         loss = -(emb * target.repeat(settings.views, 1)).sum(-1).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -27,7 +27,7 @@ from .errors import BadInputError, ImageReadError
 from .io.data import Failure, iter_file_batches
 from .io.images import read_image
 from .io.preprocess import Preprocess, as_pixel_batch, parse_input_range
-from .models.encoder import PixelEncoder
+from .models.encoder import PixelEncoder, compile_available
 from .models.loading import ModelSource, load_encoder_and_text
 from .models.naming import parse_model_name
 from .models.zoo import DEFAULT_MODEL
@@ -353,7 +353,7 @@ def load_metric(model: str = DEFAULT_MODEL, *, device: str | torch.device = "aut
                 dtype: str | torch.dtype = "fp32", checkpoint: str | Path | None = None,
                 batch_size: int = 32, num_workers: int | None = None, with_text: bool = False,
                 resize: int | None = None, crop: int | None = None, pooling: str | None = None,
-                input_range: str = "0,1") -> PerceptualMetric:
+                input_range: str = "0,1", compile: bool = False) -> PerceptualMetric:
     """Load a perceptual metric by zoo name, ``hf-hub:`` id, local directory, or arch + checkpoint.
 
     The metric comes in eval mode with every parameter frozen (``requires_grad=False``): gradients
@@ -374,17 +374,25 @@ def load_metric(model: str = DEFAULT_MODEL, *, device: str | torch.device = "aut
         pooling: how a timm ViT's tokens become the embedding (see ``percept models info``).
         input_range: where float tensor/array values lie: ``"0,1"`` (default), ``"-1,1"`` (as LPIPS
             takes) or ``"0,255"``; uint8 always holds 0..255 (see :class:`PerceptualMetric`).
+        compile: run the encoder's backbone through ``torch.compile`` (compiled at the first forward, and
+            again for new shapes/dtypes: pays off for long GPU runs such as attacks and large evaluations).
+            Convolutional backbones on CUDA also run in channels-last memory format, compile or not
+            (see :func:`percept_cli.models.encoder.prefers_channels_last`).
 
     Raises:
-        UnknownModelError, BadInputError, ModelUnavailableError, ModelFormatError.
+        UnknownModelError, BadInputError (also: ``compile`` where torch.compile is unavailable),
+        ModelUnavailableError, ModelFormatError.
 
     >>> metric = load_metric("rclip-f-convnext-b", device="cpu")  # doctest: +SKIP
     """
     input_range = parse_input_range(input_range)
+    if compile:
+        compile_available()  # before any loading work
     ref = parse_model_name(model, checkpoint)
     torch_device = resolve_device(device)
     encoder, source, text = load_encoder_and_text(ref, torch_device, resolve_dtype(dtype), with_text=with_text,
                                                   resize=resize, crop=crop, pooling=pooling)
+    encoder.set_compile(compile)
     metric = PerceptualMetric(encoder, source, batch_size=batch_size, num_workers=num_workers, text_encoder=text,
                               input_range=input_range)
     return metric.eval().requires_grad_(False)

@@ -78,3 +78,26 @@ def test_dtype_is_the_weights_for_embedding_and_the_autocast_for_attacks(image_d
     assert isinstance(two_afc["fp32_checked"], bool) and isinstance(two_afc["fp32_rejected"], bool)
     embedding = doc("attack", "embed", a, "--untargeted", "--iters", "2")
     assert embedding["dtype"] == "fp32" and embedding["threat"]["autocast"] == "bf16"
+
+
+@pytest.mark.parametrize("command", [["distance", "{a}", "{b}"], ["embed", "{a}", "--out", "{out}"],
+                                     ["attack", "embed", "{a}", "--untargeted", "--iters", "1"],
+                                     ["attack", "2afc", "--ref", "{a}", "--left", "{b}", "--right", "{c}", "--iters", "1"],
+                                     ["invert", "--image", "{a}", "--iters", "1", "--out", "{out_dir}"]])
+def test_every_command_passes_compile_to_the_encoder(image_dir, tiny_vit, tmp_path, monkeypatch, command):
+    """--compile reaches the loaded encoder in every command: its backbone forward goes through torch.compile
+    (a recording stand-in: the real compile takes minutes on this CPU)."""
+    import torch
+
+    calls = []
+
+    def recording_compile(module, **kwargs):
+        return lambda *args, **kw: (calls.append(1), module(*args, **kw))[1]
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    names = {"a": image_dir / "a.png", "b": image_dir / "b.png", "c": image_dir / "c.png",
+             "out": tmp_path / "e.npy", "out_dir": tmp_path / "inv"}
+    args = [part.format(**names) for part in command]
+    result = run(*args, "-m", tiny_vit[0], "--device", "cpu", "--compile", "--json")
+    assert result.exit_code == 0, result.output
+    assert calls

@@ -28,6 +28,8 @@ from .threat import ascent_direction, project
 MOMENTUM = 0.75
 RHO = 0.75
 FIRST, DECREMENT, SHORTEST = 0.22, 0.03, 0.06  # fractions of N, truncated as auto-attack does
+DROP_EVERY = 4  # early stopping drops broken examples from the batch every 4 iterations,
+DROP_SHARE = 0.25  # or at once when a quarter of the batch may have broken (see drop_due)
 
 
 def checkpoints(n_iter: int) -> list[int]:
@@ -74,6 +76,7 @@ class _State:
     def __init__(self, x, x_adv, loss, grad, tracker: Tracker, eps, step=None):
         self.x, self.tracker = x, tracker
         self.index = torch.arange(x.shape[0], device=x.device)
+        self.everyone = True  # index is every run row, in order (until the first drop)
         self.x_adv, self.x_prev, self.grad, self.loss = x_adv, x_adv, grad, loss
         self.grad_best = grad.clone()
         self.step = torch.full_like(loss, 2.0 * eps if step is None else step)
@@ -89,17 +92,32 @@ class _State:
     def loss_best(self) -> torch.Tensor:
         return self.tracker.loss_best[self.index]
 
-    def keep(self, mask: torch.Tensor) -> None:
+    def keep(self, positions: torch.Tensor) -> None:
+        """Keep only the examples at ``positions`` (an integer index into the rows attacked now)."""
         for name, value in vars(self).items():
             if isinstance(value, torch.Tensor):
-                setattr(self, name, value[mask])
+                setattr(self, name, value[positions])
+        self.everyone = False
 
     def drop_broken(self) -> None:
-        """Early stopping: the examples whose success is confirmed leave the batch."""
-        if self.tracker.ever is not None:
-            broken = self.tracker.ever[self.index]
-            if bool(broken.any()):
-                self.keep(~broken)
+        """Early stopping: the examples whose success is confirmed leave the batch (two synchronisations)."""
+        self.tracker.settle()
+        self.tracker.new_successes = 0
+        positions = (~self.tracker.ever[self.index]).nonzero().flatten()
+        if positions.numel() < self.index.numel():
+            self.keep(positions)
+
+
+def drop_due(new_successes: int, done: int, n_iter: int, batch: int) -> bool:
+    """Whether early stopping drops the broken examples after iteration ``done`` (1-based) of ``n_iter``.
+
+    Only when some example may have broken since the last drop (``new_successes``, as far as the
+    host knows), and then every :data:`DROP_EVERY` iterations, or at once when that may be
+    :data:`DROP_SHARE` of the ``batch``; never after the last iteration.
+    """
+    if new_successes <= 0 or done >= n_iter:
+        return False
+    return done % DROP_EVERY == 0 or new_successes >= DROP_SHARE * batch
 
 
 def _step(s: _State, k: int, eps: float, norm: str) -> None:
@@ -121,15 +139,23 @@ def apgd_run(objective, x: torch.Tensor, index: torch.Tensor, x_init: torch.Tens
     Returns per example the latest successful point if the objective has a success notion and
     one was found, else the point of highest loss (see :class:`Tracker`; under autocast, successes
     are confirmed in fp32). ``step_size`` overrides the initial 2·eps;
-    ``monitor(k, x_best, loss_best)`` is called after iteration k (rows = examples still attacked).
+    ``monitor(k, x_best, loss_best)`` is called after iteration k (rows = examples in the batch).
+
+    With ``early_stop`` a confirmed success is final and the example leaves the batch at the next
+    drop (:func:`drop_due`); until then it is carried along without effect on any result. Each
+    example's state is its own, so the others follow the same trajectories as without early
+    stopping. In fp32 an iteration makes no host-device synchronisation (one under autocast, see
+    :class:`Tracker`); a drop makes two.
     """
     loss, claimed, grad = loss_and_grad(objective, x_init, index, autocast_dtype)
-    tracker = Tracker(objective, index, x_init, loss, claimed, autocast_dtype)
+    tracker = Tracker(objective, index, x_init, loss, claimed, autocast_dtype, freeze_broken=early_stop)
     s = _State(x, x_init, loss, grad, tracker, eps, step_size)
     evaluations = x.shape[0]
     marks, last_mark = set(checkpoints(n_iter)), 0
     if early_stop:
-        s.drop_broken()
+        tracker.settle()
+        if tracker.new_successes:
+            s.drop_broken()
     for k in range(n_iter):
         if s.x.shape[0] == 0:
             break
@@ -140,7 +166,7 @@ def apgd_run(objective, x: torch.Tensor, index: torch.Tensor, x_init: torch.Tens
         with torch.no_grad():
             s.count += (loss > s.loss).float()
             s.loss = loss
-            improved, _ = tracker.update(s.index, s.x_adv, loss, claimed)
+            improved = tracker.update(None if s.everyone else s.index, s.x_adv, loss, claimed)
             s.grad_best = torch.where(bcast(improved, s.grad), s.grad, s.grad_best)
             if (k + 1) in marks:
                 _checkpoint(s, k + 1 - last_mark)
@@ -149,7 +175,7 @@ def apgd_run(objective, x: torch.Tensor, index: torch.Tensor, x_init: torch.Tens
             progress(1)
         if monitor is not None:
             monitor(k + 1, s.x_best, s.loss_best)
-        if early_stop:
+        if early_stop and drop_due(tracker.new_successes, k + 1, n_iter, s.x.shape[0]):
             s.drop_broken()
     return tracker.result(evaluations)
 
@@ -186,7 +212,8 @@ def apgd(objective, x: torch.Tensor, eps: float, norm: str = "linf", n_iter: int
         restarts: runs; each later run attacks only the points still unbroken, from a random start.
         random_start: start the first run at a random point of the ball (else at ``x``).
         seed: makes random starts repeatable.
-        early_stop: examples leave the batch once broken (evaluation, where only the decision counts).
+        early_stop: examples leave the batch once broken (evaluation, where only the decision counts),
+            at most :data:`DROP_EVERY` iterations later; their results are as if they left at once.
         autocast_dtype: e.g. torch.bfloat16 to run forward/backward under autocast.
         progress: called with 1 after each iteration.
         example_ids: per-example ids seeding each random start (batch-independent results).

@@ -12,8 +12,8 @@ import torch
 from .threat import bcast
 from .threat import random_start as _random_start
 
-__all__ = ["AttackResult", "Tracker", "autocast", "bcast", "evaluate", "loss_and_grad", "low_precision",
-           "with_restarts"]
+__all__ = ["ASYNC_HOST_COPY", "AttackResult", "HostCount", "Tracker", "autocast", "bcast", "evaluate",
+           "loss_and_grad", "low_precision", "with_restarts"]
 
 
 @dataclass
@@ -26,7 +26,8 @@ class AttackResult:
         loss: (B,) the loss at ``x_adv`` as the attack measured it.
         broken: (B,) bool success (None for objectives without one). Under autocast a success
             counts only once an fp32 forward confirmed it.
-        evaluations: forward(+backward) passes spent, counted per example (fp32 confirmations included).
+        evaluations: forward(+backward) passes spent, counted per example (fp32 confirmations included,
+            and, under early stopping, the passes of broken examples not yet dropped from the batch).
         fp32_checked: (B,) bool, the autocast forward claimed a success at least once, so an fp32
             confirmation was needed; None for fp32 attacks and objectives without success.
         fp32_rejected: (B,) bool, fp32 rejected at least one claimed success; None as ``fp32_checked``.
@@ -74,6 +75,33 @@ def evaluate(objective, x: torch.Tensor, index: torch.Tensor | None = None, auto
     return loss.float(), broken
 
 
+ASYNC_HOST_COPY = ("cuda",)  # device types whose counts reach the host by an asynchronous copy
+
+
+class HostCount:
+    """A device integer for the host to read later without stalling the device.
+
+    On CUDA (:data:`ASYNC_HOST_COPY`) the value is copied, behind the work queued so far, into
+    pinned host memory, and :meth:`get` waits only for that copy (an event), not for the work
+    queued since; elsewhere :meth:`get` reads the value when asked.
+    """
+
+    def __init__(self, value: torch.Tensor):
+        self._value, self._event = value, None
+        if value.device.type in ASYNC_HOST_COPY:
+            cuda = value.device.type == "cuda"
+            self._value = torch.empty((), dtype=value.dtype, pin_memory=cuda)
+            self._value.copy_(value, non_blocking=True)
+            if cuda:
+                self._event = torch.cuda.Event()
+                self._event.record()
+
+    def get(self) -> int:
+        if self._event is not None:
+            self._event.synchronize()
+        return int(self._value)
+
+
 class Tracker:
     """What one run found per example: the best loss and its point and, for objectives with a success
     notion, whether it was broken and its latest successful point (with the loss there).
@@ -82,11 +110,20 @@ class Tracker:
     only a candidate: one batched fp32 forward (no autocast, no gradient) of the claimed points
     decides, and only confirmed successes count; the others stay unbroken and are attacked on.
 
-    Rows are the run's examples 0..n-1; ``index`` maps them to the objective's examples.
+    With ``freeze_broken`` (early stopping) a confirmed success is final: later points of that
+    example change nothing it recorded, so the caller may keep attacking it for a few iterations
+    and drop it from the batch when convenient. ``new_successes`` counts, on the host, the
+    successes (fp32) or claims (autocast) recorded since the caller last reset it; in fp32 it lags
+    one :meth:`update` behind (:meth:`settle` brings it up to date).
+
+    An update makes no host-device synchronisation in fp32 and one under autocast (the number of
+    claims, to size the fp32 confirmation). Rows are the run's examples 0..n-1; ``index`` maps them
+    to the objective's examples. The tracker keeps references to the latest update's tensors:
+    callers must not modify them in place.
     """
 
     def __init__(self, objective, index: torch.Tensor, x: torch.Tensor, loss: torch.Tensor,
-                 claimed: Optional[torch.Tensor], autocast_dtype=None):
+                 claimed: Optional[torch.Tensor], autocast_dtype=None, *, freeze_broken: bool = False):
         self.objective, self.index = objective, index
         self.x_best, self.loss_best = x.clone(), loss.clone()
         self.ever = None if claimed is None else torch.zeros_like(loss, dtype=torch.bool)
@@ -94,44 +131,66 @@ class Tracker:
         checking = claimed is not None and low_precision(autocast_dtype)
         self.fp32_checked = torch.zeros_like(self.ever) if checking else None
         self.fp32_rejected = torch.zeros_like(self.ever) if checking else None
+        self.freeze = freeze_broken and claimed is not None
         self.confirmations = 0
+        self.new_successes = 0
+        self._unread: Optional[HostCount] = None
         if claimed is not None:
-            self._record_successes(torch.arange(len(x), device=x.device), x, loss, claimed)
+            self._record_successes(None, x, loss, claimed)
 
-    def update(self, rows: torch.Tensor, x: torch.Tensor, loss: torch.Tensor, claimed: Optional[torch.Tensor]
-               ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Record new points ``x`` of the run rows ``rows`` with their loss and claimed success.
+    def update(self, rows: Optional[torch.Tensor], x: torch.Tensor, loss: torch.Tensor,
+               claimed: Optional[torch.Tensor]) -> torch.Tensor:
+        """Record new points ``x`` of the distinct run rows ``rows`` (None: every row, in order) with
+        their loss and claimed success.
 
         Returns:
-            (improved: (b,) bool, the loss beat the row's best; broken: (b,) bool confirmed successes,
-            or None for objectives without success).
+            improved: (b,) bool, the loss beat the row's best (never for a frozen row).
         """
-        improved = loss > self.loss_best[rows]
-        better = rows[improved]
-        self.loss_best[better], self.x_best[better] = loss[improved], x[improved]
-        if claimed is None or self.ever is None:
-            return improved, None
-        return improved, self._record_successes(rows, x, loss, claimed)
+        self._read_count()
+        improved = loss > _rows(self.loss_best, rows)
+        live = ~_rows(self.ever, rows) if self.freeze else None
+        if live is not None:
+            improved &= live
+        _assign(self.loss_best, rows, improved, loss)
+        _assign(self.x_best, rows, improved, x)
+        if claimed is not None and self.ever is not None:
+            self._record_successes(rows, x, loss, claimed if live is None else claimed & live)
+        return improved
 
-    def _record_successes(self, rows, x, loss, claimed) -> torch.Tensor:
-        broken = self.confirm(rows, x, claimed)
-        hit = rows[broken]
-        self.x_succ[hit], self.loss_succ[hit] = x[broken], loss[broken]
-        self.ever[hit] = True
-        return broken
+    def settle(self) -> None:
+        """Bring ``new_successes`` up to date (one host-device synchronisation at most)."""
+        self._read_count()
 
-    def confirm(self, rows: torch.Tensor, x: torch.Tensor, claimed: torch.Tensor) -> torch.Tensor:
-        """The claimed successes that hold in fp32 ((b,) bool); ``claimed`` itself for fp32 attacks."""
-        if self.fp32_checked is None or not bool(claimed.any()):
-            return claimed
-        local = claimed.nonzero().flatten()
-        _, verdict = evaluate(self.objective, x[local], self.index[rows[local]])
-        self.confirmations += local.numel()
-        self.fp32_checked[rows[local]] = True
-        self.fp32_rejected[rows[local[~verdict]]] = True
-        confirmed = torch.zeros_like(claimed)
-        confirmed[local] = verdict
-        return confirmed
+    def _read_count(self) -> None:
+        if self._unread is not None:
+            self.new_successes += self._unread.get()
+            self._unread = None
+
+    def _record_successes(self, rows, x, loss, claimed) -> None:
+        if self.fp32_checked is None:  # fp32: a claim is a success
+            self._record(rows, x, loss, claimed)
+            if self.freeze:
+                self._unread = HostCount(claimed.sum())
+            return
+        claims = int(claimed.sum())  # the one synchronisation: the size of the fp32 confirmation
+        self.new_successes += claims
+        if claims:
+            self._record(rows, x, loss, self._confirm(rows, x, claimed, claims))
+
+    def _confirm(self, rows, x, claimed, claims: int) -> torch.Tensor:
+        """The claimed successes that hold in fp32 ((b,) bool), from one fp32 forward of the claimed rows."""
+        local = torch.argsort((~claimed).to(torch.uint8), stable=True)[:claims]  # the claimed rows, in order
+        claimed_rows = local if rows is None else rows[local]
+        _, verdict = evaluate(self.objective, x[local], self.index[claimed_rows])
+        self.confirmations += claims
+        self.fp32_checked[claimed_rows] = True
+        self.fp32_rejected[claimed_rows] = self.fp32_rejected[claimed_rows] | ~verdict
+        return torch.zeros_like(claimed).index_put((local,), verdict)
+
+    def _record(self, rows, x, loss, hit) -> None:
+        _assign(self.x_succ, rows, hit, x)
+        _assign(self.loss_succ, rows, hit, loss)
+        _assign(self.ever, rows, hit, hit)
 
     def result(self, evaluations: int) -> AttackResult:
         """The run's :class:`AttackResult`: successful points where found, else the best points."""
@@ -141,6 +200,21 @@ class Tracker:
         loss = torch.where(self.ever, self.loss_succ, self.loss_best)
         return AttackResult(x_adv, loss, self.ever.clone(), evaluations + self.confirmations,
                             self.fp32_checked, self.fp32_rejected)
+
+
+def _rows(t: torch.Tensor, rows: Optional[torch.Tensor]) -> torch.Tensor:
+    """``t[rows]``, or ``t`` itself for rows None (every row, in order)."""
+    return t if rows is None else t[rows]
+
+
+def _assign(target: torch.Tensor, rows: Optional[torch.Tensor], mask: torch.Tensor, value: torch.Tensor) -> None:
+    """``target[rows] = where(mask, value, target[rows])`` with integer rows (no host sync); in place,
+    without gather and scatter, for rows None."""
+    value = value.to(target.dtype)
+    if rows is None:
+        torch.where(bcast(mask, value), value, target, out=target)
+    else:
+        target[rows] = torch.where(bcast(mask, value), value, target[rows])
 
 
 def with_restarts(run: Callable[..., AttackResult], objective, x: torch.Tensor, eps: float, norm: str,

@@ -23,13 +23,12 @@ def pgd_run(objective, x, index, x_init, eps, norm, n_iter, step_size, *, autoca
     x_adv = x_init
     loss, claimed, grad = loss_and_grad(objective, x_adv, index, autocast_dtype)
     tracker = Tracker(objective, index, x_adv, loss, claimed, autocast_dtype)
-    rows = torch.arange(x.shape[0], device=x.device)
     for _ in range(n_iter):
         with torch.no_grad():
             x_adv = project(x_adv + step_size * ascent_direction(grad, norm), x, eps, norm)
         loss, claimed, grad = loss_and_grad(objective, x_adv, index, autocast_dtype)
         with torch.no_grad():
-            tracker.update(rows, x_adv, loss, claimed)
+            tracker.update(None, x_adv, loss, claimed)
         if progress is not None:
             progress(1)
     return tracker.result(x.shape[0] * (n_iter + 1))

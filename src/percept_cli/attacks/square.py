@@ -62,8 +62,7 @@ def _meta_square(size: int, generator, device) -> torch.Tensor:
     left = _pseudo_gaussian(size, size // 2, device)
     right = -_pseudo_gaussian(size, size - size // 2, device)
     eta = torch.cat((left, right), dim=1)
-    if torch.rand((), generator=generator, device=device) < 0.5:
-        eta = eta.T
+    eta = torch.where(torch.rand((), generator=generator, device=device) < 0.5, eta.T, eta)  # no host sync
     return eta / (eta.norm() + _TINY)
 
 
@@ -137,8 +136,9 @@ def square(objective, x: torch.Tensor, eps: float, norm: str = "linf", n_queries
     paper's ImageNet values). Each query changes the current point, the best one so far, and is
     kept if the loss goes up. Points already broken stop querying when ``early_stop`` (the
     default: it is a success attack); under autocast a success counts once fp32 confirms it (see
-    :class:`Tracker`). Returns an :class:`AttackResult` (``evaluations`` counts the initial
-    evaluation and every query).
+    :class:`Tracker`). The random draws depend on how many points query, so broken points leave
+    before the very next query (one host-device synchronisation per query, two when one broke).
+    Returns an :class:`AttackResult` (``evaluations`` counts the initial evaluation and every query).
     """
     generator = torch.Generator(device=x.device).manual_seed(int(seed))
     p_init = P_INIT[norm] if p_init is None else p_init
@@ -146,17 +146,24 @@ def square(objective, x: torch.Tensor, eps: float, norm: str = "linf", n_queries
     everyone = torch.arange(x.shape[0], device=x.device)
     x_adv = _init_linf(x, eps, generator) if norm == "linf" else _init_l2(x, eps, generator)
     loss, claimed = evaluate(objective, x_adv, everyone, autocast_dtype)
-    tracker = Tracker(objective, everyone, x_adv, loss, claimed, autocast_dtype)
+    tracker = Tracker(objective, everyone, x_adv, loss, claimed, autocast_dtype, freeze_broken=early_stop)
     evaluations = x.shape[0]
     propose = _propose_linf if norm == "linf" else _propose_l2
+    active = everyone
     for query in range(n_queries):
-        active = everyone if (tracker.ever is None or not early_stop) else (~tracker.ever).nonzero().flatten()
+        if tracker.freeze:  # early stopping: the broken points leave before the next query
+            tracker.settle()
+            if tracker.new_successes:
+                tracker.new_successes = 0
+                active = (~tracker.ever).nonzero().flatten()
         if active.numel() == 0:
             break
         size = _window_side(p_init, query, n_queries, height, width, norm)
-        candidate = propose(x[active], tracker.x_best[active], eps, size, generator)
+        rows = None if active is everyone else active  # None: every point, without gathering copies
+        candidate = propose(x if rows is None else x[rows], tracker.x_best if rows is None else tracker.x_best[rows],
+                            eps, size, generator)
         new_loss, claimed = evaluate(objective, candidate, active, autocast_dtype)
-        tracker.update(active, candidate, new_loss, claimed)
+        tracker.update(rows, candidate, new_loss, claimed)
         evaluations += active.numel()
         if progress is not None:
             progress(1)

@@ -10,7 +10,7 @@ import typer
 from ..models.zoo import DEFAULT_MODEL
 from .command import PerceptCommand, PerceptGroup
 from .errors import handle_errors
-from .options import (BatchSizeOpt, CheckpointOpt, Common, CropOpt, DeviceOpt, DtypeOpt, EpsOpt, ForceOpt,
+from .options import (CompileOpt, BatchSizeOpt, CheckpointOpt, Common, CropOpt, DeviceOpt, DtypeOpt, EpsOpt, ForceOpt,
                       ItersOpt, JsonOpt, ModelOpt, NormOpt, PoolingOpt, QuietOpt, RandomStartOpt, ResizeOpt,
                       RestartsOpt, SeedOpt, attack_settings, threat_dict)
 from .output import Output
@@ -86,7 +86,7 @@ def attack_2afc_command(
     random_start: RandomStartOpt = True, force: ForceOpt = False,
     model: ModelOpt = DEFAULT_MODEL, checkpoint: CheckpointOpt = None, device: DeviceOpt = "auto",
     dtype: DtypeOpt = "fp32", batch_size: BatchSizeOpt = 32, resize: ResizeOpt = None, crop: CropOpt = None,
-    pooling: PoolingOpt = None, seed: SeedOpt = 0, json: JsonOpt = False, quiet: QuietOpt = False,
+    pooling: PoolingOpt = None, compile: CompileOpt = False, seed: SeedOpt = 0, json: JsonOpt = False, quiet: QuietOpt = False,
 ) -> None:
     """Flip a 2AFC decision: perturb REF so the other candidate looks closer."""
     import torch
@@ -101,7 +101,7 @@ def attack_2afc_command(
         raise BadInputError(f"--loss must be ce or margin; got '{loss}'.")
     settings = attack_settings(norm, eps, iters, restarts, random_start, seed, dtype, loss,
                                square_queries if square else 0, force=force)
-    common = Common(model=model, checkpoint=checkpoint, device=device, dtype=dtype, batch_size=batch_size,
+    common = Common(model=model, compile=compile, checkpoint=checkpoint, device=device, dtype=dtype, batch_size=batch_size,
                     seed=seed, json=json, quiet=quiet, resize=resize, crop=crop, pooling=pooling)
     output = Output(json, quiet)
     _usable([], skip_bad, output, required=[ref, left, right])
@@ -204,7 +204,7 @@ def attack_embed_command(
     random_start: RandomStartOpt = True, force: ForceOpt = False,
     model: ModelOpt = DEFAULT_MODEL, checkpoint: CheckpointOpt = None, device: DeviceOpt = "auto",
     dtype: DtypeOpt = "fp32", batch_size: BatchSizeOpt = 32, resize: ResizeOpt = None, crop: CropOpt = None,
-    pooling: PoolingOpt = None, seed: SeedOpt = 0, json: JsonOpt = False, quiet: QuietOpt = False,
+    pooling: PoolingOpt = None, compile: CompileOpt = False, seed: SeedOpt = 0, json: JsonOpt = False, quiet: QuietOpt = False,
 ) -> None:
     """Move an image's embedding: away from itself (--untargeted) or towards targets (--target)."""
     from ..attacks import attack_embedding
@@ -217,7 +217,7 @@ def attack_embed_command(
         raise BadInputError("choose exactly one of --untargeted or --target IMAGE (at least one target).")
     targets = [p for t in (target or []) for p in (list_images(t) if t.is_dir() else [t])]
     settings = attack_settings(norm, eps, iters, restarts, random_start, seed, dtype, force=force)
-    common = Common(model=model, checkpoint=checkpoint, device=device, dtype=dtype, batch_size=batch_size,
+    common = Common(model=model, compile=compile, checkpoint=checkpoint, device=device, dtype=dtype, batch_size=batch_size,
                     seed=seed, json=json, quiet=quiet, resize=resize, crop=crop, pooling=pooling)
     output = Output(json, quiet)
     targets, skipped = _usable(targets, skip_bad, output, required=[image])

@@ -9,7 +9,7 @@ import typer
 
 from ..models.zoo import DEFAULT_MODEL
 from .errors import handle_errors
-from .options import (BatchSizeOpt, CheckpointOpt, Common, CropOpt, DeviceOpt, DtypeOpt, ForceOpt, ItersOpt, JsonOpt,
+from .options import (CompileOpt, BatchSizeOpt, CheckpointOpt, Common, CropOpt, DeviceOpt, DtypeOpt, ForceOpt, ItersOpt, JsonOpt,
                       ModelOpt, NormOpt, PoolingOpt, QuietOpt, RandomStartOpt, ResizeOpt, RestartsOpt, SeedOpt,
                       WorkersOpt, attack_settings, threat_dict)
 from .output import Output
@@ -56,7 +56,7 @@ def distance(
     workers: WorkersOpt = None,
     resize: ResizeOpt = None,
     crop: CropOpt = None,
-    pooling: PoolingOpt = None,
+    pooling: PoolingOpt = None, compile: CompileOpt = False,
     seed: SeedOpt = 0,
     json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -67,7 +67,7 @@ def distance(
     settings = None
     if robust is not None:
         settings = attack_settings(norm, robust, iters, restarts, random_start, seed, dtype, force=force)
-    common = Common(model=model, checkpoint=checkpoint, device=device, dtype=dtype, batch_size=batch_size,
+    common = Common(model=model, compile=compile, checkpoint=checkpoint, device=device, dtype=dtype, batch_size=batch_size,
                     workers=workers, seed=seed, json=json, quiet=quiet, resize=resize, crop=crop, pooling=pooling)
     output = Output(json, quiet)
 

@@ -9,7 +9,7 @@ import typer
 
 from ..models.zoo import DEFAULT_MODEL
 from .errors import handle_errors
-from .options import (BatchSizeOpt, CheckpointOpt, Common, CropOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt,
+from .options import (CompileOpt, BatchSizeOpt, CheckpointOpt, Common, CropOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt,
                       PoolingOpt, QuietOpt, ResizeOpt, WorkersOpt)
 from .output import Output
 
@@ -41,7 +41,7 @@ def embed_command(
     workers: WorkersOpt = None,
     resize: ResizeOpt = None,
     crop: CropOpt = None,
-    pooling: PoolingOpt = None,
+    pooling: PoolingOpt = None, compile: CompileOpt = False,
     json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -49,7 +49,7 @@ def embed_command(
     from ..embeddings import FORMATS, check_format, embed_to_file, expand_sources, sidecar_path
     from ..io.outputs import check_outputs, output_file, path_inputs
 
-    common = Common(model=model, checkpoint=checkpoint, device=device, dtype=dtype, batch_size=batch_size,
+    common = Common(model=model, compile=compile, checkpoint=checkpoint, device=device, dtype=dtype, batch_size=batch_size,
                     workers=workers, json=json, quiet=quiet, resize=resize, crop=crop, pooling=pooling)
     output = Output(json, quiet)
     files = expand_sources(sources, recursive)

@@ -81,6 +81,10 @@ def eval_2afc(
     iters: ItersOpt = 100, restarts: RestartsOpt = 1, random_start: RandomStartOpt = True, force: ForceOpt = False,
     loss: Annotated[str, typer.Option("--loss", help="ce | margin.")] = "ce",
     square_queries: Annotated[int, typer.Option("--square-queries", min=1, help="Queries for --attack square.")] = 5000,
+    attack_batch_size: Annotated[Optional[int], typer.Option(
+        "--attack-batch-size", min=1, show_default=False, rich_help_panel="Attack",
+        help="Triplets attacked together (default: 256 on a GPU, else --batch-size). APGD's results do not "
+             "depend on it; with --attack square they do, so --resume then needs the same value.")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Results JSON (per-triplet outcomes; saved "
                                                 "every --flush-every seconds).")] = None,
     resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue an interrupted run from its results "
@@ -109,12 +113,18 @@ def eval_2afc(
     settings, radii = _attack_options(attack, sweep_eps, eps, iters, restarts, random_start, seed, dtype, loss,
                                       square_queries, force)
     _check_options(protocol, first, n, radii, plot)
+    if radii and attack_batch_size is None:  # resolved here, so a results file records the number used
+        from ..devices import resolve_device
+        from ..evaluation.twoafc import default_attack_batch_size
+
+        attack_batch_size = default_attack_batch_size(resolve_device(device), batch_size)
     request = runner.EvalRequest(
         dataset=dataset, root=root, split=split, subsets=tuple(subset or ()), triplets=triplets,
         image_list=image_list, n=n, first=first, protocol=protocol.strip().lower(),
         models=_model_names(model, models_file), checkpoint=checkpoint, resize=resize, crop=crop, pooling=pooling,
         dtype="fp32" if settings is not None else dtype,  # an attack autocasts; its weights stay fp32
-        attack=settings, radii=radii, seed=seed, batch_size=batch_size, out=out, resume=resume, save_adv=save_adv,
+        attack=settings, radii=radii, seed=seed, batch_size=batch_size, attack_batch_size=attack_batch_size,
+        out=out, resume=resume, save_adv=save_adv,
         flush_every=flush_every, skip_bad=skip_bad,
         labels={"out": "--out" if out is not None else "--resume", "save_adv": "--save-adv"},
         other_outputs={"--plot": plot}, other_inputs=[models_file])

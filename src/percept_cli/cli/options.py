@@ -40,6 +40,9 @@ CropOpt = Annotated[Optional[str], typer.Option(
 PoolingOpt = Annotated[Optional[str], typer.Option(
     "--pooling", help="timm ViTs: cls_prenorm (class token before the final LayerNorm, as DreamSim; the DINO "
     "entry's default) or token (timm's output, after the norm).", rich_help_panel="Model", show_default=False)]
+CompileOpt = Annotated[bool, typer.Option(
+    "--compile", help="torch.compile the encoder (compiled at the first batch, and for new batch shapes: pays off "
+    "on long GPU runs such as attacks and large evaluations).", rich_help_panel="Model")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for anything random (attack random starts).",
                                       rich_help_panel="Output")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout, nothing else.",
@@ -68,6 +71,7 @@ class Common:
     resize: Optional[int] = None
     crop: Optional[str] = None
     pooling: Optional[str] = None
+    compile: bool = False
 
     def load_metric(self, out, model: Optional[str] = None, *, with_text: bool = False, dtype: Optional[str] = None,
                     geometry: bool = True):
@@ -76,7 +80,7 @@ class Common:
 
         ``dtype`` overrides ``--dtype`` for the weights (attacks keep fp32 weights and autocast);
         ``geometry=False`` ignores ``--resize``/``--crop``/``--pooling`` (a second model, such as
-        ``invert --judge``, keeps its own preprocessing).
+        ``invert --judge``, keeps its own preprocessing) and ``--compile`` (it runs a few forwards only).
         """
         import torch
 
@@ -88,7 +92,8 @@ class Common:
         with out.status(f"Loading {name} ..."):
             return load_metric(name, device=self.device, dtype=dtype or self.dtype,
                                checkpoint=self.checkpoint if geometry else None, batch_size=self.batch_size,
-                               num_workers=self.workers, with_text=with_text, **extra)
+                               num_workers=self.workers, with_text=with_text, compile=self.compile and geometry,
+                               **extra)
 
     def describe(self, metric) -> dict:
         """The run's settings for JSON output."""

@@ -37,11 +37,13 @@ def settings_of(record: dict) -> dict:
     """The part of a results document that a resumed run must match."""
     return {key: record.get(key) for key in _MATCHING_KEYS}
 
-# The settings a resumed run must share with the run it continues (every one changes the numbers).
-_MATCHING_KEYS = ("dataset", "protocol", "attack", "radii", "seed", "model_options")
+# The settings a resumed run must share with the run it continues (every one changes the numbers;
+# attack_batch_size is recorded only with Square Attack, whose random search depends on the batches).
+_MATCHING_KEYS = ("dataset", "protocol", "attack", "radii", "seed", "model_options", "attack_batch_size")
 PARTIAL_SCHEMA = "percept.eval-2afc-partial/2"  # /2: the settings and records of results schema /3
 _MISSING = object()
-_DEFAULT_WHEN_NONE = {"resize", "crop", "pooling", "triplets", "image_list"}  # None: the model's/dataset's own
+# None: the model's/dataset's own (attack_batch_size: the device's default)
+_DEFAULT_WHEN_NONE = {"resize", "crop", "pooling", "triplets", "image_list", "attack_batch_size"}
 
 
 def versions() -> dict:

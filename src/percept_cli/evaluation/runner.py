@@ -38,7 +38,9 @@ class EvalRequest:
     how the models are loaded (recorded, so a resumed run must match); ``out`` the results file and
     ``resume`` a results file to continue (written to ``out`` if given, else to itself);
     ``save_adv`` a folder for adversarial references (one subfolder per model); ``skip_bad`` leaves
-    out the triplets that use unreadable images instead of failing. ``labels`` name ``out`` and
+    out the triplets that use unreadable images instead of failing. ``attack_batch_size``: triplets
+    per attack batch (None: 256 on a GPU, else ``batch_size``); APGD's results do not depend on it,
+    Square Attack's do (with Square it is a setting a resumed run must share). ``labels`` name ``out`` and
     ``save_adv`` in messages and write failures (the CLI passes its option names); ``other_outputs``
     (label -> path) are further files checked with the others, ``other_inputs`` files that no output
     may replace.
@@ -63,6 +65,7 @@ class EvalRequest:
     radii: Sequence[float] = ()
     seed: int = 0
     batch_size: int = 32
+    attack_batch_size: Optional[int] = None
     out: Optional[Path] = None
     resume: Optional[Path] = None
     save_adv: Optional[Path] = None
@@ -146,22 +149,30 @@ def prepare(request: EvalRequest) -> EvalJob:
         record["skipped"] = {"images": [{"path": f.path, "reason": f.reason} for f in bad_images],
                              "triplets": skipped_ids}
     plan = twoafc.EvalPlan(list(request.radii), request.attack, request.batch_size, request.save_adv,
-                           request.flush_every, attack_ids, request.protocol)
+                           request.flush_every, attack_ids, request.protocol, request.attack_batch_size)
     return EvalJob(request, index, models, repeated, plan, record, out, bad_images, skipped_ids)
 
 
 def run_settings(request: EvalRequest, index: DatasetIndex, models: list[str]) -> dict:
-    """The settings part of the results document: everything a resumed run must share with it."""
-    return {"dataset": {"name": index.name, "root": str(Path(index.root).resolve()), "split": index.split,
-                        "subsets": index.groups, "n": request.n, "first": request.first,
-                        "n_triplets": len(index.items), "task": index.task, "triplets": _resolved(request.triplets),
-                        "image_list": _resolved(request.image_list)},
-            "protocol": request.protocol,
-            "attack": None if request.attack is None else request.attack.to_dict(radius=False),
-            "radii": list(request.radii), "seed": request.seed,
-            "model_options": {"models": models, "checkpoint": _resolved(request.checkpoint), "dtype": request.dtype,
-                              "resize": request.resize, "crop": request.crop.strip().lower() if request.crop else None,
-                              "pooling": request.pooling}}
+    """The settings part of the results document: everything a resumed run must share with it.
+
+    The attack batch size only with Square Attack: its random search draws for the whole batch, so
+    its outcomes depend on how triplets are batched; APGD seeds each triplet on its own.
+    """
+    settings = {"dataset": {"name": index.name, "root": str(Path(index.root).resolve()), "split": index.split,
+                            "subsets": index.groups, "n": request.n, "first": request.first,
+                            "n_triplets": len(index.items), "task": index.task,
+                            "triplets": _resolved(request.triplets), "image_list": _resolved(request.image_list)},
+                "protocol": request.protocol,
+                "attack": None if request.attack is None else request.attack.to_dict(radius=False),
+                "radii": list(request.radii), "seed": request.seed,
+                "model_options": {"models": models, "checkpoint": _resolved(request.checkpoint),
+                                  "dtype": request.dtype, "resize": request.resize,
+                                  "crop": request.crop.strip().lower() if request.crop else None,
+                                  "pooling": request.pooling}}
+    if request.attack is not None and request.attack.square_queries > 0 and request.radii:
+        settings["attack_batch_size"] = request.attack_batch_size
+    return settings
 
 
 def check_images(index: DatasetIndex, skip_bad: bool):

@@ -3,14 +3,17 @@
 Per model, work happens in fixed global batches so that a resumed run and a run spread over
 several processes compute every batch exactly as an uninterrupted single-process run does:
 
-1. every distinct image is embedded once (DataLoader workers decode), in batches of the global
-   first-use order, with the protocol's geometry (:func:`input_preprocess`);
+1. every distinct image is decoded and embedded once (DataLoader workers decode), in batches of the
+   global first-use order, with the protocol's geometry (:func:`input_preprocess`); the references
+   to attack keep their decoded pixels for step 3 (:mod:`.pixels`: bit-identical, bounded memory);
 2. per triplet: ``clean_correct`` (the metric's choice by :mod:`percept_cli.decision`, a tie picking
    the left candidate as in the authors' code, is the majority's, p > 0.5), the paper's binarised
    accuracy, and the LPIPS/DreamSim score ``(d0<d1)(1-p) + (d1<d0)p + 0.5(d0==d1)`` with p the
    fraction of people who chose the right candidate;
 3. under attack, the triplets to attack (all, or ``plan.attack_ids``) that the model gets right are
-   attacked in batches of the list of such triplets, APGD on the reference with both candidates'
+   attacked in batches of ``attack_batch_size`` of the list of such triplets (each triplet's random
+   start is seeded by its dataset position, so APGD's outcome does not depend on the batches; Square
+   Attack's random search does), APGD on the reference with both candidates'
    embeddings fixed, early stopping on; radii ascending, each radius attacking the survivors of
    the previous one (a point broken inside a smaller ball is broken inside every larger one).
    An autocast (bf16/fp16) attack's claimed breaks are confirmed in fp32; per triplet and radius,
@@ -31,13 +34,16 @@ from .. import decision
 from ..attacks import AttackSettings
 from ..attacks.tasks import attack_2afc_embedded, save_ready
 from ..distributed import Dist, gather
-from ..errors import BadInputError
+from ..errors import BadInputError, ImageReadError
+from ..io.data import iter_file_batches
 from ..io.preprocess import Preprocess
 from .datasets import DatasetIndex, OddOneOut
+from .pixels import PIXEL_CACHE_BYTES, ReferencePixels
 
 Progress = Callable[..., None]
 PROTOCOLS = ("paper", "native")
 FP32_COUNTS = ("fp32_checked", "fp32_rejected")  # summary counts of an autocast attack's fp32 confirmations
+CUDA_ATTACK_BATCH = 256  # triplets per attack batch on a GPU unless asked otherwise
 
 
 @dataclass
@@ -46,6 +52,8 @@ class EvalPlan:
 
     ``attack_ids``: the ids of the triplets to attack (None: every one); clean scores cover all.
     ``protocol``: ``paper`` or ``native`` (see :func:`input_preprocess`).
+    ``attack_batch_size``: triplets per attack batch (None: :func:`default_attack_batch_size`).
+    ``pixel_cache_bytes``: memory for the references' pixels kept between the passes (:mod:`.pixels`).
     """
 
     radii: list[float]
@@ -55,6 +63,14 @@ class EvalPlan:
     flush_every: float = 60.0
     attack_ids: Optional[frozenset] = None
     protocol: str = "paper"
+    attack_batch_size: Optional[int] = None
+    pixel_cache_bytes: int = PIXEL_CACHE_BYTES
+
+
+def default_attack_batch_size(device, batch_size: int) -> int:
+    """Triplets per attack batch: :data:`CUDA_ATTACK_BATCH` on a GPU (large batches keep it busy
+    whatever the embedding batch size), else ``batch_size`` (a CPU gains nothing from larger ones)."""
+    return CUDA_ATTACK_BATCH if torch.device(device).type == "cuda" else int(batch_size)
 
 
 def input_preprocess(metric, index: DatasetIndex, protocol: str = "paper") -> Optional[Preprocess]:
@@ -101,21 +117,62 @@ def score_odd_one_out(s01: float, s02: float, s12: float) -> float:
 
 
 def embed_distinct(metric, paths: list[str], needed: set[str], batch_size: int, dist: Dist,
-                   progress: Optional[Progress] = None,
-                   preprocess: Optional[Preprocess] = None) -> dict[str, torch.Tensor]:
-    """Embeddings (CPU) of the global batches that contain a needed image, shared by all ranks."""
+                   progress: Optional[Progress] = None, preprocess: Optional[Preprocess] = None,
+                   keep: Optional[ReferencePixels] = None) -> dict[str, torch.Tensor]:
+    """Embeddings (CPU) of the global batches that contain a needed image, shared by all ranks.
+
+    ``keep`` is offered this process's decoded uint8 pixels (the references to attack).
+
+    Raises:
+        ImageReadError: an image that cannot be decoded.
+    """
     batches = [paths[i:i + batch_size] for i in range(0, len(paths), batch_size)]
     mine = [b for k, b in enumerate(batches) if dist.owns(k) and needed.intersection(b)]
     flat = [p for b in mine for p in b]
     local: dict[str, torch.Tensor] = {}
     if flat:
-        result = metric.embed_files(flat, batch_size=batch_size, progress=progress, preprocess=preprocess)
-        emb = result.embeddings.cpu()
-        local = {flat[i]: emb[row] for row, i in enumerate(result.indices)}
+        local = _embed_paths(metric, flat, batch_size, preprocess or metric.preprocess, progress, keep)
     merged: dict[str, torch.Tensor] = {}
     for part in gather(dist, local):
         merged.update(part)
     return merged
+
+
+@torch.no_grad()
+def _embed_paths(metric, paths: list[str], batch_size: int, geometry: Preprocess, progress, keep) -> dict:
+    """``metric.embed_files`` of ``paths`` (same arithmetic: uint8 on the device, /255, ``embed_pixels``),
+    also offering each decoded uint8 batch to ``keep``. Returns path -> embedding (CPU).
+
+    Raises:
+        ImageReadError: an image that cannot be decoded.
+    """
+    device = metric.device
+    rows, order = [], []
+    for idx, batch, failed in iter_file_batches(paths, geometry, batch_size, metric.num_workers,
+                                                device.type == "cuda"):
+        if failed:
+            raise ImageReadError(failed[0].path, failed[0].reason)
+        x = batch.to(device, non_blocking=True).to(torch.float32).div_(255.0)
+        rows.append(metric.embed_pixels(x, check=False))  # queued on a GPU; the CPU goes on below
+        names = [paths[i] for i in idx]
+        if keep is not None:
+            keep.offer(names, batch)
+        order.extend(names)
+        if progress:
+            progress(len(idx))
+    return dict(zip(order, torch.cat(rows).cpu())) if rows else {}
+
+
+def _refs_to_attack(index: DatasetIndex, plan: EvalPlan, records: dict) -> set[str]:
+    """References of the triplets the attack pass may attack (before clean correctness is known)."""
+    refs = set()
+    for item in index.items:
+        rec = records.get(item.id)
+        unfinished = rec is None or (rec.get("attacked") and rec.get("clean_correct")
+                                     and rec.get("robust_correct") is None)
+        if unfinished and (plan.attack_ids is None or item.id in plan.attack_ids):
+            refs.add(item.ref)
+    return refs
 
 
 def _needed(index: DatasetIndex, records: dict, attacking: bool) -> set[str]:
@@ -134,15 +191,18 @@ def evaluate_model(metric, index: DatasetIndex, plan: EvalPlan, records: dict, d
     attacking = bool(plan.radii) and index.task == "2afc"
     preprocess = input_preprocess(metric, index, plan.protocol)
     needed = _needed(index, records, attacking)
+    keep = ReferencePixels(_refs_to_attack(index, plan, records) if attacking else (),
+                           preprocess or metric.preprocess, max_bytes=plan.pixel_cache_bytes,
+                           batch_size=plan.batch_size, num_workers=metric.num_workers)
     embeddings = embed_distinct(metric, index.distinct_images(), needed, plan.batch_size, dist,
                                 progress=(lambda n: progress(n, phase="embed")) if progress else None,
-                                preprocess=preprocess)
+                                preprocess=preprocess, keep=keep)
     for item in index.items:
         if item.id not in records:
             attacked = attacking and (plan.attack_ids is None or item.id in plan.attack_ids)
             records[item.id] = _clean_record(item, embeddings, len(plan.radii) if attacked else 0)
     if attacking:
-        _attack_all(metric, index, plan, records, embeddings, dist, progress, flush, preprocess)
+        _attack_all(metric, index, plan, records, embeddings, dist, progress, flush, keep)
     merged: dict = {}
     for part in gather(dist, records):
         for key, rec in part.items():
@@ -172,15 +232,21 @@ def _clean_record(item, emb: dict, n_radii: int) -> dict:
     return rec
 
 
-def _attack_all(metric, index, plan, records, embeddings, dist, progress, flush, preprocess) -> None:
+def _attack_all(metric, index, plan, records, embeddings, dist, progress, flush, pixels: ReferencePixels) -> None:
+    """Attack the clean-correct triplets to attack, in this process's attack batches (a resumed run
+    attacks only the unfinished triplets of each batch)."""
     position = {item.id: k for k, item in enumerate(index.items)}
     targets = [item for item in index.items if records[item.id]["attacked"] and records[item.id]["clean_correct"]]
-    batches = [targets[i:i + plan.batch_size] for i in range(0, len(targets), plan.batch_size)]
+    size = plan.attack_batch_size or default_attack_batch_size(metric.device, plan.batch_size)
+    batches = [targets[i:i + size] for i in range(0, len(targets), size)]
+    todo = [[t for t in batch if records[t.id]["robust_correct"] is None] if dist.owns(k) else []
+            for k, batch in enumerate(batches)]
+    pixels.retain(t.ref for batch in todo for t in batch)
     last_flush = time.monotonic()
-    for k, batch in enumerate(batches):
-        if not dist.owns(k) or all(records[t.id]["robust_correct"] is not None for t in batch):
+    for batch in todo:
+        if not batch:
             continue
-        _attack_batch(metric, batch, plan, records, embeddings, position, preprocess)
+        _attack_batch(metric, batch, plan, records, embeddings, position, pixels)
         if progress:
             progress(len(batch), phase="attack", records=records)
         if flush and time.monotonic() - last_flush >= plan.flush_every:
@@ -188,8 +254,8 @@ def _attack_all(metric, index, plan, records, embeddings, dist, progress, flush,
             last_flush = time.monotonic()
 
 
-def _attack_batch(metric, batch, plan, records, embeddings, position, preprocess=None) -> None:
-    ref = metric.pixels([t.ref for t in batch], preprocess=preprocess)
+def _attack_batch(metric, batch, plan, records, embeddings, position, pixels: ReferencePixels) -> None:
+    ref = pixels.batch([t.ref for t in batch])
     e_ref = torch.stack([embeddings[t.ref] for t in batch])
     e_left = torch.stack([embeddings[t.left] for t in batch])
     e_right = torch.stack([embeddings[t.right] for t in batch])

@@ -1,9 +1,11 @@
 """Decoding image files in parallel with a torch DataLoader.
 
 Workers decode and preprocess to uint8 (3,S,S) tensors (4x less to pass between
-processes than float32); the main process converts on the device. A file that
-fails to decode comes back as a failure record, never as an exception inside a
-worker, so the caller decides whether to stop or skip.
+processes than float32); the main process converts on the device. By default every
+core this process may use decodes but one, left to the main process that feeds the
+model (:func:`default_workers`). A file that fails to decode comes back as a failure
+record, never as an exception inside a worker, so the caller decides whether to stop
+or skip.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -50,25 +53,60 @@ def _collate(items):
     ok = [(i, t) for i, t, err in items if t is not None]
     failed = [(i, err) for i, t, err in items if t is None]
     indices = [i for i, _ in ok]
-    batch = torch.stack([t for _, t in ok]) if ok else None
+    # NumPy copies: single-threaded, so a main process (workers=0) never waits on torch's thread pool
+    batch = torch.from_numpy(np.stack([t.numpy() for _, t in ok])) if ok else None
     return indices, batch, failed
 
 
+MAX_WORKERS = 32  # beyond this, process start-up and memory outgrow what a single GPU can take
+
+
+def available_cores() -> int:
+    """CPU cores this process may use: its affinity mask (``taskset``, cgroups cpusets, SLURM), else
+    ``os.cpu_count()``; shared evenly among the ``torchrun`` processes of this machine
+    (``LOCAL_WORLD_SIZE``)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        cores = os.cpu_count() or 1
+    try:
+        local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        local = 1
+    return max(1, cores // local)
+
+
 def default_workers(n_items: int, batch_size: int) -> int:
-    """Worker count: none for a batch or less (process start-up would dominate), else up to 8."""
+    """Decoding processes for ``n_items`` files in batches of ``batch_size``.
+
+    None when everything fits one batch (process start-up would dominate); else one per available
+    core less one for the main process (which feeds the model), at least 1, and at most one per
+    batch and :data:`MAX_WORKERS`.
+
+    >>> default_workers(10, 32)
+    0
+    """
     if n_items <= batch_size:
         return 0
-    return max(1, min(8, (os.cpu_count() or 1)))
+    batches = -(-n_items // batch_size)
+    return max(1, min(available_cores() - 1, batches, MAX_WORKERS))
 
 
 def iter_file_batches(paths: Sequence[str | Path], preprocess: Preprocess, batch_size: int,
                       num_workers: int | None = None, pin_memory: bool = False
                       ) -> Iterator[tuple[list[int], torch.Tensor | None, list[Failure]]]:
-    """Yield (indices, uint8 batch (B,3,S,S) or None, failures) in input order."""
+    """Yield (indices, uint8 batch (B,3,S,S) or None, failures) in input order.
+
+    ``num_workers``: decoding processes (None: :func:`default_workers`). ``pin_memory``: batches
+    come in page-locked memory, so a ``.to("cuda", non_blocking=True)`` copy overlaps compute.
+    Workers are not persistent: each call makes one pass over its files.
+    """
     workers = default_workers(len(paths), batch_size) if num_workers is None else num_workers
     dataset = ImageFileDataset(paths, preprocess)
+    # batches in flight: 4 per worker for one or two workers, 2 (torch's default) for more
+    prefetch = (4 if workers <= 2 else 2) if workers else None
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                        collate_fn=_collate, pin_memory=pin_memory,
-                        prefetch_factor=4 if workers else None, persistent_workers=False)
+                        collate_fn=_collate, pin_memory=pin_memory, prefetch_factor=prefetch,
+                        persistent_workers=False)
     for indices, batch, failed in loader:
         yield indices, batch, [Failure(dataset.paths[i], err) for i, err in failed]

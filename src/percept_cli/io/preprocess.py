@@ -102,7 +102,9 @@ class Preprocess:
     def uint8(self, img: Image.Image) -> torch.Tensor:
         """(3,S,S) uint8 tensor of a preprocessed RGB PIL image (cheap to send between processes)."""
         arr = np.asarray(self.pil(img), dtype=np.uint8)
-        return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+        # channels first with NumPy: a torch permute+contiguous copy of a uint8 image goes through
+        # torch's thread pool and took ~12 ms instead of ~0.1 ms in a busy main process
+        return torch.from_numpy(np.array(arr.transpose(2, 0, 1), order="C"))  # a writable copy
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
         """(3,S,S) float32 tensor in [0,1]."""

@@ -51,10 +51,15 @@ class ModelFiles:
 
     def read_config(self) -> dict:
         """The parsed JSON config. Raises ModelFormatError if it is not valid JSON."""
-        try:
-            return json.loads(self.config_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise ModelFormatError(f"cannot read model config {self.config_path}: {exc}") from exc
+        return read_config(self.config_path)
+
+
+def read_config(path: Path) -> dict:
+    """The parsed JSON config at ``path``. Raises ModelFormatError if it cannot be read or is not JSON."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelFormatError(f"cannot read model config {path}: {exc}") from exc
 
 
 def hub_cache_dir() -> str:

@@ -1,20 +1,18 @@
 """Build a :class:`PixelEncoder` from a :class:`ModelRef`.
 
 Three ways in, one way out:
-  * a Hub repo or local directory in OpenCLIP's layout -> ``open_clip.create_model('local-dir:...')``
-    for the architecture, weights loaded safely, visual tower kept;
+  * a Hub repo or local directory in OpenCLIP's layout -> its ``open_clip_config.json``; only the
+    vision tower is built (the whole CLIP model when the text tower is wanted) and only its weights read;
   * a Hub repo or local directory in timm's layout (``config.json``) -> ``timm.create_model``;
   * an OpenCLIP architecture plus a visual-encoder checkpoint (``--checkpoint``).
-Weights load from ``.safetensors``, or from ``.pt/.bin`` with ``torch.load(weights_only=True)``.
+Models are built with their parameters on the meta device (no random initialisation; see
+:mod:`.weights`), then take the checkpoint's tensors, read straight to the target device from
+``.safetensors``, or from ``.pt/.bin`` with ``torch.load(weights_only=True)``. The result is the model
+``open_clip.create_model`` + ``load_checkpoint`` (or ``timm.create_model`` + ``load_state_dict``) gives.
 """
 
 from __future__ import annotations
 
-import contextlib
-import logging
-import os
-import pickle
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,10 +21,14 @@ from torch import nn
 
 from ..errors import BadInputError, ModelFormatError, ModelUnavailableError
 from ..io.preprocess import Preprocess
-from . import hub
-from .encoder import PixelEncoder, TextEncoder
+from . import hub, openclip, weights
+from .encoder import PixelEncoder, TextEncoder, prefers_channels_last
 from .naming import ModelRef
 from .pooling import check_pooling, refuse_pooling, set_vit_pooling
+from .weights import read_state_dict
+
+__all__ = ["ModelSource", "describe_model", "download_model", "input_geometry", "load_encoder",
+           "load_encoder_and_text", "read_state_dict", "resolve_files"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -49,83 +51,6 @@ class ModelSource:
         return asdict(self)
 
 
-_LIBRARY_LOGGERS = ("timm", "open_clip")  # timm logs through ``timm.*`` loggers while building models
-
-
-class _DropOpenClipChatter(logging.Filter):
-    """Drops records below ERROR logged from open_clip's source files (it logs on the root logger)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        module = sys.modules.get("open_clip")
-        if record.levelno >= logging.ERROR or not getattr(module, "__file__", None):
-            return True
-        package = os.path.join(os.path.dirname(os.path.abspath(module.__file__)), "")
-        return not os.path.abspath(record.pathname).startswith(package)
-
-
-@contextlib.contextmanager
-def _quiet_logging():
-    """Silence the INFO/WARNING chatter that open_clip and timm log while building models, and nothing else.
-
-    The ``timm``/``open_clip`` loggers are raised to ERROR; a filter on the root *logger* (it sees only
-    records logged on the root logger itself, not those propagated from the user's loggers) drops
-    open_clip's ``logging.info(...)`` calls. An unconfigured root logger gets Python's last-resort handler
-    for the duration, so those calls do not run ``logging.basicConfig()`` behind the user's back.
-    Everything is restored on exit; other loggers are untouched.
-    """
-    loggers = [logging.getLogger(name) for name in _LIBRARY_LOGGERS]
-    levels = [logger.level for logger in loggers]
-    chatter = _DropOpenClipChatter()
-    stand_in = None
-    if not logging.root.handlers:
-        stand_in = logging.lastResort or logging.NullHandler()
-        logging.root.addHandler(stand_in)
-    logging.root.addFilter(chatter)
-    for logger in loggers:
-        logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for logger, level in zip(loggers, levels):
-            logger.setLevel(level)
-        logging.root.removeFilter(chatter)
-        if stand_in is not None:
-            logging.root.removeHandler(stand_in)
-
-
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """A flat tensor state dict from ``.safetensors`` or (weights-only) ``.pt/.pth/.bin/.ckpt``.
-
-    Unwraps ``state_dict``/``model``/``model_state_dict`` containers and strips a
-    DistributedDataParallel ``module.`` prefix.
-
-    Raises:
-        ModelFormatError: unreadable file, or a pickle that needs more than tensors.
-    """
-    path = Path(path)
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path), device="cpu")
-        else:
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise ModelFormatError(
-            f"{path} holds Python objects besides tensors; percept only loads weights_only checkpoints.",
-            "Re-save it as a plain state dict, ideally as .safetensors.") from exc
-    except Exception as exc:  # safetensors/zip/pickle raise assorted types for a corrupt file
-        raise ModelFormatError(f"cannot read weights from {path}: {exc}") from exc
-    for key in ("state_dict", "model_state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ModelFormatError(f"{path} does not contain a state dict of tensors.")
-    if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
-    return state
-
-
 def _square_size(size, where: str) -> int:
     if isinstance(size, (list, tuple)):
         size = tuple(int(s) for s in size[-2:])
@@ -135,57 +60,9 @@ def _square_size(size, where: str) -> int:
     return int(size)
 
 
-def _build_open_clip(root: Path | None, arch: str | None, quick_gelu: bool = False) -> tuple[nn.Module, dict]:
-    """(CLIP model without weights, its preprocess cfg) from a directory's config or an arch name.
-
-    ``quick_gelu`` builds QuickGELU activations whatever the config says (OpenAI-derived weights).
-    """
-    import open_clip
-
-    name = f"local-dir:{root}" if root is not None else arch
-    try:
-        with _quiet_logging():
-            model = open_clip.create_model(name, pretrained=None, load_weights=False, pretrained_text=False,
-                                           force_quick_gelu=quick_gelu)
-    except Exception as exc:  # open_clip raises RuntimeError/ValueError/KeyError for bad configs
-        raise ModelFormatError(f"cannot build OpenCLIP model from {root or arch}: {exc}") from exc
-    return model, open_clip.get_model_preprocess_cfg(model)
-
-
-def _load_open_clip(files: hub.ModelFiles, keep: dict | None = None,
-                    quick_gelu: bool = False) -> tuple[nn.Module, tuple, tuple, int]:
-    import open_clip
-
-    model, pp = _build_open_clip(files.root if files.config_path else None, files.arch, quick_gelu)
-    if keep is not None:  # the caller wants the text tower too
-        keep["model"] = model
-        keep["tokenizer"] = f"local-dir:{files.root}" if files.config_path else files.arch
-    try:
-        with _quiet_logging():
-            open_clip.load_checkpoint(model, str(files.weights_path), strict=True, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise ModelFormatError(f"{files.weights_path} is not a weights-only checkpoint.") from exc
-    except Exception as exc:  # shape/key mismatches, corrupt files
-        raise ModelFormatError(f"weights {files.weights_path} do not fit the config: {exc}") from exc
-    return model.visual, tuple(pp["mean"]), tuple(pp["std"]), _square_size(pp["size"], str(files.root))
-
-
-def _load_open_clip_checkpoint(arch: str, checkpoint: Path) -> tuple[nn.Module, tuple, tuple, int]:
-    model, pp = _build_open_clip(None, arch)
-    state = read_state_dict(checkpoint)
-    if any(k.startswith("visual.") for k in state):  # a full CLIP checkpoint: keep the vision tower
-        state = {k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")}
-    try:
-        model.visual.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise ModelFormatError(f"checkpoint {checkpoint} does not match architecture {arch}: "
-                               f"{str(exc).splitlines()[0]}") from exc
-    return model.visual, tuple(pp["mean"]), tuple(pp["std"]), _square_size(pp["size"], arch)
-
-
-def _load_timm(files: hub.ModelFiles, keep: dict | None = None,
-               pooling: str | None = None) -> tuple[nn.Module, tuple, tuple, int, str | None]:
-    """(model, mean, std, size, pooling in force) of a timm model; ``keep`` is unused (no text tower)."""
+def _load_timm(files: hub.ModelFiles, device: torch.device, pooling: str | None = None
+               ) -> tuple[nn.Module, tuple, tuple, int, str | None]:
+    """(model, mean, std, size, pooling in force) of a timm model (classifier weights left unread)."""
     import timm
 
     cfg = files.read_config()
@@ -194,15 +71,16 @@ def _load_timm(files: hub.ModelFiles, keep: dict | None = None,
         raise ModelFormatError(f"{files.config_path} has no 'architecture' entry (not a timm config).")
     pretrained = cfg.get("pretrained_cfg", {})
     try:
-        with _quiet_logging():
-            model = timm.create_model(arch, pretrained=False, num_classes=0, **cfg.get("model_args", {}))
+        with weights.quiet_logging():
+            model = weights.build_without_init(lambda: timm.create_model(
+                arch, pretrained=False, num_classes=0, **cfg.get("model_args", {})))
     except Exception as exc:  # unknown arch, bad kwargs
         raise ModelFormatError(f"cannot build timm model '{arch}': {exc}") from exc
-    state = read_state_dict(files.weights_path)
-    classifier = pretrained.get("classifier", "head")
-    state = {k: v for k, v in state.items() if not k.startswith(f"{classifier}.")}
+    classifier = f'{pretrained.get("classifier", "head")}.'
+    state = read_state_dict(files.weights_path, device,
+                            select=lambda keys: [k for k in keys if not k.startswith(classifier)])
     try:
-        model.load_state_dict(state, strict=True)
+        weights.assign_weights(model, state)
     except RuntimeError as exc:
         raise ModelFormatError(f"weights {files.weights_path} do not fit '{arch}': "
                                f"{str(exc).splitlines()[0]}") from exc
@@ -285,10 +163,12 @@ def load_encoder_and_text(ref: ModelRef, device: torch.device | str = "cpu", dty
     check_pooling(pooling)
     if pooling is None and ref.spec is not None:
         pooling = ref.spec.pooling
-    keep: dict | None = {} if with_text else None
+    text_model = None  # (CLIP model, tokenizer name) when the text tower is kept
+    device = torch.device(device)
     if ref.kind == "checkpoint":
         refuse_pooling(pooling, ref.name)
-        backbone, mean, std, size = _load_open_clip_checkpoint(ref.identifier, ref.checkpoint)
+        backbone, pp = openclip.load_open_clip_checkpoint(ref.identifier, ref.checkpoint, device)
+        mean, std, size = tuple(pp["mean"]), tuple(pp["std"]), _square_size(pp["size"], ref.identifier)
         _check_quick_gelu(backbone, ref, f"architecture '{ref.identifier}'")
         source = ModelSource(ref.name, "checkpoint", ref.identifier, hub.OPEN_CLIP,
                              weights=str(ref.checkpoint), zoo=zoo)
@@ -296,25 +176,30 @@ def load_encoder_and_text(ref: ModelRef, device: torch.device | str = "cpu", dty
         files = resolve_files(ref)
         if files.family == hub.OPEN_CLIP:
             refuse_pooling(pooling, ref.name)
-            backbone, mean, std, size = _load_open_clip(files, keep, quick_gelu=_needs_quick_gelu(ref))
+            backbone, pp, clip_model = openclip.load_open_clip_dir(files, device, with_text, _needs_quick_gelu(ref))
+            mean, std, size = tuple(pp["mean"]), tuple(pp["std"]), _square_size(pp["size"], str(files.root))
+            if clip_model is not None:
+                text_model = (clip_model, f"local-dir:{files.root}" if files.config_path else files.arch)
             _check_quick_gelu(backbone, ref, str(files.config_path or f"OpenCLIP built-in '{files.arch}'"))
         else:
-            backbone, mean, std, size, pooling = _load_timm(files, keep, pooling)
+            backbone, mean, std, size, pooling = _load_timm(files, device, pooling)
         source = ModelSource(ref.name, ref.kind, files.repo_id or str(files.root), files.family,
                              revision=files.revision, weights=str(files.weights_path), zoo=zoo,
                              pooling=pooling)
     preprocess = input_geometry(ref, size, resize, crop)
     encoder = PixelEncoder(backbone, mean, std, preprocess.image_size, preprocess=preprocess)
     encoder.eval().requires_grad_(False)
-    encoder.to(device)
+    encoder.to(device)  # the weights are there already; computed buffers and mean/std follow
     encoder.set_compute_dtype(dtype)
+    if prefers_channels_last(backbone, device):
+        encoder.set_channels_last(True)
     text = None
-    if keep and "model" in keep:
+    if text_model is not None:
         import open_clip
 
-        with _quiet_logging():
-            tokenizer = open_clip.get_tokenizer(keep["tokenizer"])
-        text = TextEncoder(keep["model"], tokenizer).eval().requires_grad_(False).to(device)
+        with weights.quiet_logging():
+            tokenizer = open_clip.get_tokenizer(text_model[1])
+        text = TextEncoder(text_model[0], tokenizer).eval().requires_grad_(False).to(device)
     return encoder, source, text
 
 
