@@ -88,11 +88,10 @@ class HostCount:
 
     def __init__(self, value: torch.Tensor):
         self._value, self._event = value, None
-        if value.device.type in ASYNC_HOST_COPY:
-            cuda = value.device.type == "cuda"
-            self._value = torch.empty((), dtype=value.dtype, pin_memory=cuda)
-            self._value.copy_(value, non_blocking=True)
-            if cuda:
+        if value.device.type == "cuda":  # copy and event on the value's own device and stream (cuda:1 too)
+            with torch.cuda.device(value.device):
+                self._value = torch.empty((), dtype=value.dtype, pin_memory=True)
+                self._value.copy_(value, non_blocking=True)
                 self._event = torch.cuda.Event()
                 self._event.record()
 
