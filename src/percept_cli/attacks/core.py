@@ -88,12 +88,15 @@ class HostCount:
 
     def __init__(self, value: torch.Tensor):
         self._value, self._event = value, None
-        if value.device.type == "cuda":  # copy and event on the value's own device and stream (cuda:1 too)
-            with torch.cuda.device(value.device):
-                self._value = torch.empty((), dtype=value.dtype, pin_memory=True)
+        if value.device.type in ASYNC_HOST_COPY:
+            cuda = value.device.type == "cuda"
+            # copy and event on the value's own device and stream (cuda:1 as well as cuda:0)
+            with torch.cuda.device(value.device) if cuda else contextlib.nullcontext():
+                self._value = torch.empty((), dtype=value.dtype, pin_memory=cuda)
                 self._value.copy_(value, non_blocking=True)
-                self._event = torch.cuda.Event()
-                self._event.record()
+                if cuda:
+                    self._event = torch.cuda.Event()
+                    self._event.record()
 
     def get(self) -> int:
         if self._event is not None:
