@@ -46,6 +46,8 @@ def _tag(t):
 
 
 class SimulatedDevice(TorchFunctionMode):
+    """The mode: ``with SimulatedDevice() as dev``; ``dev.put(t)``, ``dev.put_module(m)``, ``dev.syncs``."""
+
     device = torch.device("cpu", 7)
 
     def __init__(self):
@@ -66,7 +68,8 @@ class SimulatedDevice(TorchFunctionMode):
 
     def __exit__(self, *exc):
         for t in self._params:
-            delattr(t, _TAG)
+            if hasattr(t, _TAG):
+                delattr(t, _TAG)
         return super().__exit__(*exc)
 
     def _is_device(self, d) -> bool:

@@ -523,31 +523,37 @@ def test_rounded_embedding_distance_is_recomputed_on_the_rounded_pixels(metric, 
 
 
 # -- early stopping: a broken example's result is final, the others' trajectories unchanged -------------
-class _Ramp:
-    """Loss = <w_i, x - x0_i> (each example on its own: no batch effects); broken once the loss
-    passes the example's threshold, so examples break at different iterations."""
+class _Bowl:
+    """Loss = -sum w (x - c_i)^2 (each example on its own: no batch effects), its maximum near the
+    ball's border, so APGD's points keep moving after they break; broken once the loss passes the
+    example's threshold, so examples break at different iterations, some never."""
 
     has_success = True
 
-    def __init__(self, x0, weight, threshold):
-        self.x0, self.weight, self.threshold = x0, weight, threshold
+    def __init__(self, centre, weight, threshold):
+        self.centre, self.weight, self.threshold = centre, weight, threshold
 
     def __call__(self, x, index):
-        loss = ((x - self.x0[index]) * self.weight[index]).flatten(1).sum(1)
+        loss = -(self.weight[index] * (x - self.centre[index]) ** 2).flatten(1).sum(1)
         return loss, loss > self.threshold[index]
 
 
-def _ramp(batch, seed=0, device_put=lambda t: t):
+def _bowl(batch, seed=0, device_put=lambda t: t, eps=0.1):
     g = torch.Generator().manual_seed(seed)
     x = torch.rand(batch, 3, 4, 4, generator=g) * 0.5 + 0.25
-    weight = torch.randn(batch, 3, 4, 4, generator=g)
-    reach = 0.1 * weight.abs().flatten(1).sum(1)  # the loss at the corner of the ball, eps 0.1
-    threshold = reach * torch.linspace(0.3, 1.5, batch)  # some break soon, some late, some never
-    return device_put(x), _Ramp(*(device_put(t) for t in (x, weight, threshold)))
+    centre = x + (torch.rand(batch, 3, 4, 4, generator=g) * 4 - 2) * eps
+    weight = torch.rand(batch, 3, 4, 4, generator=g) + 0.5
+
+    def loss(point):
+        return -(weight * (point - centre) ** 2).flatten(1).sum(1)
+
+    at_start, best = loss(x), loss(centre.clamp(x - eps, x + eps))  # the best point of the ball
+    threshold = at_start + (best - at_start) * torch.linspace(0.3, 1.2, batch)
+    return device_put(x), _Bowl(*(device_put(t) for t in (centre, weight, threshold)))
 
 
 def test_early_stopping_records_the_first_success_and_leaves_the_rest_alone():
-    x, objective = _ramp(32)
+    x, objective = _bowl(32)
     n = 20
     seen = []
     full = apgd(objective, x, 0.1, "linf", n, seed=3, monitor=lambda k, xb, lb: seen.append((xb.clone(), lb.clone())))
@@ -582,13 +588,13 @@ def test_example_ids_on_the_cpu_while_the_attack_runs_on_another_device():
     # attack's device ("indices should be either on cpu or on the same device as the indexed tensor")
     from simulated_device import SimulatedDevice
 
-    x, objective = _ramp(8, seed=1)
+    x, objective = _bowl(8, seed=1)
     ids = torch.arange(40, 48)
     kw = dict(eps=0.1, norm="linf", n_iter=3, restarts=3, seed=2, early_stop=True, example_ids=ids)
     on_cpu = apgd(objective, x, **kw)
     assert 0 < int(on_cpu.broken.sum()) < 8  # later restarts run on a subset: a device index from nonzero
     with SimulatedDevice() as dev:
-        xd, objective_d = _ramp(8, seed=1, device_put=dev.put)
+        xd, objective_d = _bowl(8, seed=1, device_put=dev.put)
         on_device = apgd(objective_d, xd, **kw)
         assert on_device.x_adv.device == dev.device and on_device.broken.device == dev.device
         assert ids.device == torch.device("cpu")
@@ -629,7 +635,7 @@ def _syncs(attack, batch, n, dtype=None, breaks=False):
 
     with pytest.MonkeyPatch.context() as patch, SimulatedDevice() as dev:
         patch.setattr(core, "ASYNC_HOST_COPY", ("cuda", "cpu"))
-        x, objective = _ramp(batch, device_put=dev.put)
+        x, objective = _bowl(batch, device_put=dev.put)
         if not breaks:
             objective.threshold = objective.threshold + 1e3
         if attack == "apgd":

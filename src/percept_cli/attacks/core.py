@@ -118,10 +118,10 @@ class Tracker:
     successes (fp32) or claims (autocast) recorded since the caller last reset it; in fp32 it lags
     one :meth:`update` behind (:meth:`settle` brings it up to date).
 
-    An update makes no host-device synchronisation in fp32 and one under autocast (the number of
-    claims, to size the fp32 confirmation). Rows are the run's examples 0..n-1; ``index`` maps them
-    to the objective's examples. The tracker keeps references to the latest update's tensors:
-    callers must not modify them in place.
+    An update makes no host-device synchronisation in fp32 (on CUDA; with ``freeze_broken`` the
+    count of new successes reaches the host through :class:`HostCount`) and one under autocast
+    (the number of claims, to size the fp32 confirmation). Rows are the run's examples 0..n-1;
+    ``index`` maps them to the objective's examples. Updates write the tracker's tensors in place.
     """
 
     def __init__(self, objective, index: torch.Tensor, x: torch.Tensor, loss: torch.Tensor,
