@@ -62,6 +62,14 @@ def tiny_vit(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def other_vit(tmp_path_factory):
+    """Another tiny ViT directory: the tiny_vit architecture with other weights (seed 1)."""
+    directory = tmp_path_factory.mktemp("other-vit")
+    tiny_models.save_open_clip_dir(directory, tiny_models.VIT_CFG, seed=1)
+    return directory
+
+
+@pytest.fixture(scope="session")
 def zoo_cache(tmp_path_factory):
     """A huggingface_hub cache holding a tiny stand-in under every zoo repo id."""
     root = tmp_path_factory.mktemp("hub")

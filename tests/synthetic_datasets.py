@@ -107,3 +107,39 @@ def make_custom(root: Path, labels=("left", "right", "0", "1", "0.25")) -> Path:
         writer.writeheader()
         writer.writerows(rows)
     return root / "triplets.csv"
+
+
+def make_revisited(root: Path, scenes: int = 3, size=(160, 120), junk: bool = True) -> Path:
+    """Revisited Oxford layout (jpg/ + gnd_roxford5k.pkl), known answers by construction.
+
+    Per scene: two near-identical database copies (easy), a mirrored copy (junk, with ``junk``), an
+    unrelated picture (hard: it ranks wherever the model puts it), and a query: the scene pasted at
+    (30, 25) into a noisy canvas 60 px larger each way, its box around the scene.
+    """
+    import pickle
+
+    from PIL import Image
+
+    (root / "jpg").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    width, height = size
+    imlist, gnd = [], []
+    for s in range(scenes):
+        scene = make_picture(10 + s, size)
+        idx = len(imlist)
+        names = [f"s{s}_a", f"s{s}_b"] + ([f"s{s}_m"] if junk else []) + [f"s{s}_u"]
+        scene.save(root / "jpg" / f"{names[0]}.jpg", quality=95)
+        brighter = Image.fromarray(np.clip(np.asarray(scene).astype(int) + 3, 0, 255).astype(np.uint8))
+        brighter.save(root / "jpg" / f"{names[1]}.jpg", quality=90)
+        if junk:
+            scene.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(root / "jpg" / f"{names[2]}.jpg", quality=95)
+        make_picture(100 + s, size).save(root / "jpg" / f"{names[-1]}.jpg", quality=95)
+        imlist += names
+        canvas = Image.fromarray(rng.integers(0, 256, (height + 60, width + 60, 3), dtype=np.uint8))
+        canvas.paste(scene, (30, 25))
+        canvas.save(root / "jpg" / f"query{s}.jpg", quality=95)
+        gnd.append({"bbx": [30.0, 25.0, 30.0 + width, 25.0 + height], "easy": [idx, idx + 1],
+                    "hard": [idx + len(names) - 1], "junk": [idx + 2] if junk else []})
+    data = {"imlist": imlist, "qimlist": [f"query{s}" for s in range(scenes)], "gnd": gnd}
+    (root / "gnd_roxford5k.pkl").write_bytes(pickle.dumps(data))
+    return root

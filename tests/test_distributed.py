@@ -48,3 +48,44 @@ def test_an_explicit_gpu_index_with_several_processes_is_refused(monkeypatch):
     with pytest.raises(BadInputError, match="cuda:LOCAL_RANK"):
         distributed.init("CUDA:0")
     assert not tdist.is_initialized()
+
+
+def test_srun_tasks_are_read_as_ranks():
+    env = {"SLURM_PROCID": "3", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1"}
+    assert distributed.slurm_environment(env) == {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1"}
+    # a one-task step, an salloc shell (no SLURM_PROCID), or torchrun's own variables: not a SLURM job
+    assert distributed.slurm_environment({**env, "SLURM_NTASKS": "1"}) == {}
+    assert distributed.slurm_environment({"SLURM_NTASKS": "8"}) == {}
+    assert distributed.slurm_environment({**env, "RANK": "0"}) == {}
+
+
+def test_an_srun_task_without_master_addr_is_told_what_to_set(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in {"SLURM_PROCID": "0", "SLURM_NTASKS": "2"}.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(BadInputError, match="MASTER_ADDR"):
+        distributed.init("cpu")
+    assert not tdist.is_initialized()
+
+
+def test_two_srun_tasks_form_one_group(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "task.py"
+    script.write_text("from percept_cli import distributed\n"
+                      "d = distributed.init('cpu')\n"
+                      "print(d.rank, d.world, distributed.gather(d, d.rank))\n"
+                      "distributed.shutdown(d)\n")
+    port = str(_free_port())
+    procs = []
+    for rank in range(2):
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+        env.update(SLURM_PROCID=str(rank), SLURM_NTASKS="2", SLURM_LOCALID=str(rank), MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=port)
+        procs.append(subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE, text=True))
+    outs = sorted(p.communicate(timeout=120)[0].strip() for p in procs)
+    assert [p.returncode for p in procs] == [0, 0]
+    assert outs == ["0 2 [0, 1]", "1 2 [0, 1]"]

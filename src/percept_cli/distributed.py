@@ -2,6 +2,8 @@
 
 percept does not start processes itself: ``torchrun --nproc_per_node=N -m percept_cli eval-2afc ...``
 sets RANK / WORLD_SIZE / LOCAL_RANK, and :func:`init` joins the group (NCCL on GPUs, gloo on CPU).
+Under SLURM, ``srun`` tasks are recognised by the variables open_clip's training reads too
+(SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID), with MASTER_ADDR / MASTER_PORT set by the job script.
 Work is split in whole batches of a fixed global partition, so every batch is computed exactly as
 in a single-process run and the numbers agree exactly.
 """
@@ -43,6 +45,27 @@ def _wants_cuda(device: str) -> bool:
     return torch.cuda.is_available() and (text == "auto" or text.startswith("cuda"))
 
 
+def slurm_environment(env=None) -> dict[str, str]:
+    """RANK / WORLD_SIZE / LOCAL_RANK for an ``srun`` task of a multi-task SLURM step ({} otherwise).
+
+    Only when torchrun's variables are absent and SLURM_PROCID is set (srun sets it per task; an
+    ``salloc`` shell does not) with SLURM_NTASKS > 1.
+
+    >>> slurm_environment({"SLURM_PROCID": "3", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1"})
+    {'RANK': '3', 'WORLD_SIZE': '8', 'LOCAL_RANK': '1'}
+    """
+    env = os.environ if env is None else env
+    if "RANK" in env or "SLURM_PROCID" not in env:
+        return {}
+    try:
+        world = int(env.get("SLURM_NTASKS", "1"))
+    except ValueError:
+        return {}
+    if world <= 1:
+        return {}
+    return {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": str(world), "LOCAL_RANK": env.get("SLURM_LOCALID", "0")}
+
+
 def init(device: str = "auto") -> Dist:
     """Join the torchrun process group if torchrun started this process (RANK and WORLD_SIZE set, also
     for a single process: the same code path as a multi-GPU job); returns Dist() otherwise.
@@ -54,11 +77,18 @@ def init(device: str = "auto") -> Dist:
         BadInputError: an explicit ``cuda:N`` under torchrun with several processes (each rank takes
             its own GPU, cuda:LOCAL_RANK; pass --device cuda or auto).
     """
+    from .errors import BadInputError
+
+    slurm = slurm_environment()
+    if slurm:
+        if "MASTER_ADDR" not in os.environ:
+            raise BadInputError("SLURM task without MASTER_ADDR: set MASTER_ADDR (the first node's host name) and "
+                                "MASTER_PORT in the job script before srun, as for torchrun.")
+        os.environ.update(slurm)
+        os.environ.setdefault("MASTER_PORT", "29500")
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return Dist()
     import torch.distributed as tdist
-
-    from .errors import BadInputError
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -91,6 +121,14 @@ def gather(dist: Dist, obj: Any) -> list:
     out: list = [None] * dist.world
     tdist.all_gather_object(out, obj)
     return out
+
+
+def barrier(dist: Dist) -> None:
+    """Wait for every rank (nothing without torchrun)."""
+    if dist.enabled:
+        import torch.distributed as tdist
+
+        tdist.barrier()
 
 
 def shutdown(dist: Dist) -> None:

@@ -7,7 +7,7 @@ Formats (chosen from the output's extension):
 * ``.npy`` - the (N, D) float32 matrix; the row paths go to a sidecar ``<out>.paths.json``
   (a JSON list, so any file name survives) together with the same metadata.
 * ``.parquet`` - one row per image: ``path`` (string) and ``embedding`` (list of float32), the
-  metadata in the schema's ``percept`` key. Needs pyarrow (``pip install 'percept[parquet]'``).
+  metadata in the schema's ``percept`` key. Needs pyarrow (a dependency of percept).
 
 Rows are L2-normalised embeddings, as :meth:`PerceptualMetric.embed` returns them.
 """

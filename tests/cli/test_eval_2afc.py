@@ -180,32 +180,22 @@ def test_bad_datasets_exit_2_before_model_work(empty_offline_hub, tmp_path, make
     assert message in result.stderr and "Traceback" not in result.output
 
 
-@pytest.fixture(scope="module")
-def second_vit(tmp_path_factory):
-    """Another tiny ViT: the same architecture with other weights (seed 1)."""
-    import tiny_models
-
-    directory = tmp_path_factory.mktemp("second-vit")
-    tiny_models.save_open_clip_dir(directory, tiny_models.VIT_CFG, seed=1)
-    return directory
-
-
-def test_plot_save_adv_square_and_two_models(nights, model_args, tmp_path, second_vit):
+def test_plot_save_adv_square_and_two_models(nights, model_args, tmp_path, other_vit):
     plot, adv, out = tmp_path / "curve.png", tmp_path / "adv", tmp_path / "r.json"
     result = run("eval-2afc", "--dataset", "nights", "--root", nights, "--attack", "linf", "--attack", "square",
                  "--sweep-eps", "0,0.1,0.5/255", "--iters", "5", "--square-queries", "20", "--n", "6",
-                 "--plot", plot, "--save-adv", adv, "--out", out, *model_args, "--model", second_vit)
+                 "--plot", plot, "--save-adv", adv, "--out", out, *model_args, "--model", other_vit)
     assert result.exit_code == 0, result.output
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "Square Attack found" in result.stdout and "0.1/255" in result.stdout
     models = json.loads(out.read_text())["models"]
-    first, second = models[str(model_args[1])], models[str(second_vit)]
+    first, second = models[str(model_args[1])], models[str(other_vit)]
     assert first["model"]["location"] != second["model"]["location"]  # each entry describes its own model
     assert [t["id"] for t in first["triplets"]] == [t["id"] for t in second["triplets"]]  # the same 6 triplets
     assert [t["d_left"] for t in first["triplets"]] != [t["d_left"] for t in second["triplets"]]  # own numbers
     folders = {p.name: p for p in adv.iterdir()}
     assert len(folders) == 2  # one --save-adv folder per model, named after its --model text
-    for name, entry in ((str(model_args[1]), first), (str(second_vit), second)):
+    for name, entry in ((str(model_args[1]), first), (str(other_vit), second)):
         own = next(folder for key, folder in folders.items() if key.endswith(Path(name).name))
         # the first radius attacks exactly the triplets the model gets right: one PNG each, in its own folder
         right = {t["id"] for t in entry["triplets"] if t["clean_correct"]}

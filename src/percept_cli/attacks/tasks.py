@@ -201,10 +201,13 @@ class EmbeddingReport:
 
 def attack_embedding(metric, images: torch.Tensor, targets: Optional[torch.Tensor] = None,
                      settings: AttackSettings = AttackSettings(), *,
-                     progress: Optional[Callable[[int], None]] = None) -> EmbeddingReport:
+                     progress: Optional[Callable[[int], None]] = None,
+                     example_ids: Optional[torch.Tensor] = None) -> EmbeddingReport:
     """Untargeted (``targets`` None: Eq. 6) or targeted (Eq. 5, towards all ``targets``) APGD.
 
     ``images``: (B,3,S,S) [0,1] pixels at the model's input size; ``targets``: (T,3,H,W) [0,1] pixels.
+    ``example_ids``: (B,) global ids seeding each image's random start (results independent of how
+    a larger set is cut into batches); None: one generator for the batch.
 
     Raises:
         BadInputError: an argument of the wrong type, shape, size or range (the message names it).
@@ -221,7 +224,7 @@ def attack_embedding(metric, images: torch.Tensor, targets: Optional[torch.Tenso
         objective = TargetedEmbeddingObjective(metric.encoder, reference)
     result = apgd(objective, images, settings.eps, settings.norm, settings.iters, restarts=settings.restarts,
                   random_start=settings.random_start, seed=settings.seed,
-                  autocast_dtype=settings.autocast_dtype, progress=progress)
+                  autocast_dtype=settings.autocast_dtype, progress=progress, example_ids=example_ids)
     with torch.no_grad():
         adv = metric.embed_pixels(result.x_adv, check=False)
     untargeted = targets is None

@@ -51,6 +51,15 @@ def _fail(message: str, hint: str | None, exit_code: int, kind: str, json_mode: 
 
 def resume_hint(kwargs: dict) -> str:
     """How to go on after Ctrl-C: ``--resume FILE`` where the command has saved resumable work."""
+    if "faiss_kind" in kwargs:  # retrieve index / add: finished parts stay on disk
+        return "Finished parts are kept; rerun the same command to continue from them."
+    if isinstance(kwargs.get("resume"), bool):  # retrieve filter: --resume is a flag, the report holds the chunks
+        from ..retrieval.reports import partial_folder
+
+        report = kwargs.get("report")
+        if report is not None and partial_folder(report).exists():
+            return "Rerun the same command with --resume to continue from the finished chunks."
+        return "Nothing was saved yet; rerun the command to start again."
     if "resume" not in kwargs:
         return "Nothing was saved; rerun the command to start again."
     target = kwargs.get("out") or kwargs.get("resume")

@@ -1,4 +1,4 @@
-"""Reading image files into RGB, robustly, and finding images in directories.
+"""Reading image files (or encoded images in memory: tar members) into RGB, robustly; finding images in folders.
 
 Every failure is an :class:`ImageReadError` naming the file: missing, a
 directory, not an image, truncated or corrupt, too small (< MIN_SIDE pixels on
@@ -10,8 +10,10 @@ palette/grayscale/CMYK converted.
 
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -67,21 +69,26 @@ def _open(path: Path) -> Image.Image:
                              else problem)
     if path.stat().st_size == 0:
         raise ImageReadError(path, "empty file (0 bytes)")
+    return _open_source(path, path)
+
+
+def _open_source(source: Path | BinaryIO, name: str | Path) -> Image.Image:
+    """Open a file path or a binary stream lazily (header only); failures are ImageReadErrors naming ``name``."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(path)
+            img = Image.open(source)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageReadError(path, f"image is too large to decode safely ({exc})",
+        raise ImageReadError(name, f"image is too large to decode safely ({exc})",
                              "Raise PIL.Image.MAX_IMAGE_PIXELS if you trust this file.") from exc
     except UnidentifiedImageError as exc:
-        raise ImageReadError(path, "not an image, or a format Pillow cannot read") from exc
+        raise ImageReadError(name, "not an image, or a format Pillow cannot read") from exc
     except OSError as exc:
-        raise ImageReadError(path, f"cannot be read ({exc})") from exc
+        raise ImageReadError(name, f"cannot be read ({exc})") from exc
     width, height = img.size
     if min(width, height) < MIN_SIDE:
         img.close()
-        raise ImageReadError(path, f"image is {width}x{height} pixels; at least {MIN_SIDE}x{MIN_SIDE} is needed")
+        raise ImageReadError(name, f"image is {width}x{height} pixels; at least {MIN_SIDE}x{MIN_SIDE} is needed")
     return img
 
 
@@ -113,12 +120,28 @@ def read_image(path: str | Path) -> Image.Image:
         ImageReadError: missing, not an image, truncated/corrupt, too small or too large.
     """
     path = Path(path)
-    img = _open(path)
+    return _decode(_open(path), path)
+
+
+def read_image_bytes(data: bytes, name: str | Path) -> Image.Image:
+    """Decode an encoded image held in memory (e.g. a tar member) exactly as :func:`read_image` decodes a file.
+
+    Raises:
+        ImageReadError: naming ``name``, with the reasons :func:`read_image` gives for a file
+        (empty, not an image, truncated/corrupt, too small or too large).
+    """
+    if len(data) == 0:
+        raise ImageReadError(name, "empty file (0 bytes)")
+    return _decode(_open_source(io.BytesIO(data), name), name)
+
+
+def _decode(img: Image.Image, name: str | Path) -> Image.Image:
+    """Load the pixels of a lazily opened image and convert them to RGB; bad data is an ImageReadError."""
     try:
         img.load()
     except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, EOFError... for bad data
         img.close()
-        raise ImageReadError(path, f"truncated or corrupt image data ({exc})") from exc
+        raise ImageReadError(name, f"truncated or corrupt image data ({exc})") from exc
     return to_rgb(img)
 
 
