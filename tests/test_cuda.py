@@ -477,3 +477,67 @@ def test_torchrun_one_process_equals_plain_run(nights, model, tmp_path):
     doc = json.loads(out.read_text())
     assert doc["models"][model]["world_size"] == 1
     assert comparable(doc) == comparable(plain)
+
+
+# -- retrieval ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def labelled_pool(tmp_path_factory) -> Path:
+    """pool/safe (pictures 0-3) and pool/unsafe (10-13)."""
+    root = tmp_path_factory.mktemp("retrieval") / "pool"
+    for label, seeds in {"safe": range(4), "unsafe": range(10, 14)}.items():
+        (root / label).mkdir(parents=True)
+        for s in seeds:
+            make_picture(s).save(root / label / f"p{s:02d}.png")
+    return root
+
+
+def retrieve(*args):
+    result = run("retrieve", *args, "--json")
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_retrieve_index_search_filter_on_device(model, labelled_pool, dtype, tmp_path):
+    from percept_cli.retrieval.index import open_index
+
+    cpu = tmp_path / "cpu.idx"
+    retrieve("index", labelled_pool, "--out", cpu, "--model", model, "--device", "cpu", "--part-size", "3")
+    on_gpu = tmp_path / "gpu.idx"
+    doc = retrieve("index", labelled_pool, "--out", on_gpu, "--model", model, "--device", DEVICE, "--dtype", dtype,
+                   "--part-size", "3", "--batch-size", "2")
+    assert doc["ok"] == 8 and doc["labels"] == {"safe": 4, "unsafe": 4}
+    a, b = (np.concatenate([np.asarray(v, np.float32) for v in open_index(p).vectors()]) for p in (cpu, on_gpu))
+    assert np.abs(a - b).max() <= 2 * TOL[dtype] + 1e-3  # float16 storage adds ~5e-4
+    picture = labelled_pool / "unsafe" / "p11.png"
+    hits = retrieve("search", picture, "--index", on_gpu, "-k", "2", "--device", DEVICE, "--dtype", dtype)
+    assert hits["results"][0]["neighbours"][0]["key"] == str(picture)
+    report = tmp_path / "r.parquet"
+    filtered = retrieve("filter", labelled_pool, "--index", on_gpu, "--flag", "unsafe", "--report", report,
+                        "--chunk", "3", "--device", DEVICE, "--dtype", dtype)
+    assert filtered["decisions"] == {"flagged": 4, "kept": 4}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_retrieve_classify_attack_on_device(model, labelled_pool, dtype, tmp_path):
+    index = tmp_path / "pool.idx"
+    retrieve("index", labelled_pool, "--out", index, "--model", model, "--device", DEVICE)
+    adv = tmp_path / "adv"
+    doc = retrieve("classify", labelled_pool / "unsafe", "--index", index, "--truth", "none", "--attack", "linf",
+                   "--eps", "8/255", "--iters", "3", "--attack-targets", labelled_pool / "safe", "--target-class",
+                   "safe", "--save-adv", adv, "--device", DEVICE, "--dtype", dtype)
+    assert sum(doc["attacked_counts"].values()) == 4 and 0.0 <= doc["attack"]["success_rate"] <= 1.0
+    assert len(list(adv.glob("*.png"))) == 4
+
+
+def test_exact_search_on_device_equals_cpu():
+    from percept_cli.retrieval.search import exact_range, exact_topk
+
+    g = torch.Generator().manual_seed(0)
+    parts = [torch.nn.functional.normalize(torch.randn(n, 32, generator=g), dim=1).half().numpy() for n in (50, 7)]
+    queries = torch.nn.functional.normalize(torch.randn(5, 32, generator=g), dim=1)
+    cpu, dev = (exact_topk(queries, parts, 4, device=d, chunk_rows=16) for d in ("cpu", DEVICE))
+    assert torch.equal(cpu.ids, dev.ids) and torch.allclose(cpu.sims, dev.sims, atol=1e-5)
+    for (ci, cs), (di, ds) in zip(exact_range(queries, parts, 0.2, device="cpu"),
+                                  exact_range(queries, parts, 0.2, device=DEVICE)):
+        assert np.array_equal(ci, di) and np.allclose(cs, ds, atol=1e-5)

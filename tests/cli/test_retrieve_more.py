@@ -391,3 +391,22 @@ def test_ctrl_c_says_how_to_go_on(index, pool, tmp_path, monkeypatch):
 
 def index_model(index) -> str:
     return json.loads((Path(index) / "manifest.json").read_text())["model"]["location"]
+
+
+def test_write_kept_keeps_shards_of_the_same_name_apart(tmp_path):
+    from percept_cli.retrieval.filtering import write_kept
+    from percept_cli.retrieval.reports import write_rows
+    from percept_cli.retrieval.sources import collect_items
+
+    for folder, seeds in (("a", (1, 2)), ("b", (3, 4))):
+        write_shard(tmp_path / "shards" / folder / "000.tar",
+                    [{"__key__": f"k{s}", "png": png_bytes(make_picture(s)), "cls": b"x"} for s in seeds])
+    listing = collect_items([tmp_path / "shards" / "a" / "000.tar", tmp_path / "shards" / "b" / "000.tar"])
+    keep = {listing.items[0].key, listing.items[3].key}  # k1 of a/000.tar, k4 of b/000.tar
+    report = tmp_path / "report.csv"
+    write_rows(report, [{"key": i.key, "decision": "kept" if i.key in keep else "flagged", "label": None,
+                         "error": None} for i in listing.items])
+    written = write_kept(report, tmp_path / "kept", listing)
+    assert written == {"files": 0, "shards": 2, "samples": 2}
+    assert set(tar_members(tmp_path / "kept" / "a" / "000.tar")) == {"k1.png", "k1.cls"}
+    assert set(tar_members(tmp_path / "kept" / "b" / "000.tar")) == {"k4.png", "k4.cls"}

@@ -224,8 +224,9 @@ def write_kept(report_path: str | Path, out_dir: str | Path, listing: Listing) -
     """Copy the images the report keeps into ``out_dir`` (created; existing files replaced atomically).
 
     Files keep their path relative to the common folder of the listing's files; shard samples are
-    written to new shards of the same names holding only the kept samples (every member of a kept
-    sample). Returns {"files": n, "shards": n, "samples": n}.
+    written to new shards of the same names (and sub-folders, relative to the shards' common folder)
+    holding only the kept samples (every member of a kept sample). A shard with no kept sample gives
+    no output shard. Returns {"files": n, "shards": n, "samples": n}.
     """
     table = read_report(report_path)
     kept = {k for k, d in zip(table.column("key").to_pylist(), table.column("decision").to_pylist()) if d == "kept"}
@@ -244,8 +245,12 @@ def write_kept(report_path: str | Path, out_dir: str | Path, listing: Listing) -
         with atomic_path(target) as tmp:
             shutil.copyfile(item.path, tmp)
     samples = 0
-    for shard, keys in sorted(shards.items()):
-        samples += _write_filtered_shard(shard, keys, out / Path(shard).name)
+    shard_dirs = sorted({os.path.dirname(i.path) for i in listing.items if i.member is not None})
+    shard_root = os.path.commonpath(shard_dirs) if shard_dirs else ""
+    for shard, keys in sorted(shards.items()):  # shards keep their layout under the shards' common folder
+        target = out / os.path.relpath(shard, shard_root)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        samples += _write_filtered_shard(shard, keys, target)
     return {"files": len(files), "shards": len(shards), "samples": samples}
 
 
