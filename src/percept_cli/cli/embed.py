@@ -18,7 +18,7 @@ HELP = """Embed images and save the embeddings with their paths (to reuse them w
 \b
   percept embed photos/ --out emb.safetensors       tensor 'embeddings' + paths and model in the metadata
   percept embed a.png b.png --out emb.npy           matrix + emb.npy.paths.json (the row paths)
-  percept embed photos/ -r --out emb.parquet        one row per image (needs pyarrow)
+  percept embed photos/ -r --out emb.parquet        one row per image (Parquet)
 
 Rows are L2-normalised, so a dot product is the cosine similarity and 1 - it the distance.
 Read them back in Python with percept_cli.embeddings.read_embeddings(path).

@@ -605,6 +605,7 @@ def _embed_part(metric, part: PlannedPart, stream: Iterator | None, start: int, 
     """
     positions = [i for i, entry in enumerate(part.entries) if entry.origin is None]
     device = metric.device
+    on_device = []  # (batch positions, embeddings): copied to the host once per part, not once per batch
     for _ in range(-(-len(positions) // batch_size)):
         try:
             done, batch, failed = next(stream)
@@ -616,11 +617,12 @@ def _embed_part(metric, part: PlannedPart, stream: Iterator | None, start: int, 
             status[positions[p - start]], errors[positions[p - start]] = "error", reason
         if batch is not None:
             x = batch.to(device, non_blocking=True).to(torch.float32).div_(255.0)
-            emb = metric.embed_pixels(x, check=False).to("cpu", torch.float32).numpy()
-            for p, row in zip(done, emb):
-                buffer[positions[p - start]] = row
+            on_device.append((done, metric.embed_pixels(x, check=False).float()))
         if progress:
             progress(len(done) + len(failed))
+    for done, emb in on_device:  # one wait for the device per part (a sync per batch would stall a GPU)
+        for p, row in zip(done, emb.cpu().numpy()):
+            buffer[positions[p - start]] = row
     return len(positions)
 
 
