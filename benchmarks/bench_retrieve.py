@@ -142,6 +142,10 @@ def make_pngs(folder: Path, n: int, size: int, labels=("a", "b")) -> None:
 
 
 def bench_index(args) -> dict:
+    """Decode only, bare encoder on pre-decoded batches, and build_index into a fresh folder; rotating
+    order over ``args.repeats`` rounds, medians reported."""
+    import statistics
+
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from _common import random_metric
 
@@ -154,30 +158,46 @@ def bench_index(args) -> dict:
         make_pngs(work / "pool", args.n, args.size)
         _, _, metric = random_metric(args.arch, device, batch_size=args.batch_size, num_workers=args.workers)
         listing = collect_items([work / "pool"], label_from_folder=True)
-        # decode alone (the pipeline's supply), then the bare encoder on pre-decoded batches (the demand)
-        t0 = time.perf_counter()
         batches = [b for _, b, _ in iter_item_batches(listing.items, metric.preprocess, args.batch_size,
                                                          args.workers)]
-        decode = time.perf_counter() - t0
-        with torch.no_grad():
-            metric.embed_pixels(batches[0].to(device).float().div(255), check=False)  # warm-up
-            t0 = time.perf_counter()
+        parts = []
+
+        def decode():  # the pipeline's supply
+            for _ in iter_item_batches(listing.items, metric.preprocess, args.batch_size, args.workers):
+                pass
+
+        @torch.no_grad()
+        def bare():  # the demand: the encoder on the same images, pre-decoded
             for b in batches:
                 metric.embed_pixels(b.to(device).float().div(255), check=False)
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            bare = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        summary = build_index(metric, listing, work / "pool.idx", part_size=args.part_size,
-                              batch_size=args.batch_size, num_workers=args.workers)
-        indexed = time.perf_counter() - t0
+
+        def index():
+            out = Path(tempfile.mkdtemp(dir=work, prefix="run-")) / "pool.idx"
+            parts.append(build_index(metric, listing, out, part_size=args.part_size, batch_size=args.batch_size,
+                                     num_workers=args.workers).parts_total)
+            shutil.rmtree(out.parent)
+
+        with torch.no_grad():
+            metric.embed_pixels(batches[0].to(device).float().div(255), check=False)  # warm-up
+        runners = [("decode_only", decode), ("bare_encoder", bare), ("build_index", index)]
+        times = {name: [] for name, _ in runners}
+        for rep in range(args.repeats):
+            for name, fn in runners[rep % 3:] + runners[:rep % 3]:  # rotate: no variant always first
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+        med = {k: statistics.median(v) for k, v in times.items()}
         return {"arch": args.arch, "device": str(device), "n": args.n, "image_size": args.size,
                 "batch_size": args.batch_size, "part_size": args.part_size, "torch_threads": torch.get_num_threads(),
-                "decode_only_s": decode, "decode_images_per_s": args.n / decode,
-                "bare_encoder_s": bare, "bare_images_per_s": args.n / bare,
-                "build_index_s": indexed, "index_images_per_s": args.n / indexed,
-                "ratio_index_vs_bare": indexed / bare, "target_ratio": 1.10,
-                "bottleneck": "decode" if decode > bare else "encoder", "parts": summary.parts_total}
+                "repeats": args.repeats, "all_s": times,
+                "decode_only_s": med["decode_only"], "decode_images_per_s": args.n / med["decode_only"],
+                "bare_encoder_s": med["bare_encoder"], "bare_images_per_s": args.n / med["bare_encoder"],
+                "build_index_s": med["build_index"], "index_images_per_s": args.n / med["build_index"],
+                "ratio_index_vs_bare": med["build_index"] / med["bare_encoder"], "target_ratio": 1.10,
+                "bottleneck": "decode" if med["decode_only"] > med["bare_encoder"] else "encoder",
+                "parts": parts[0]}
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -221,10 +241,11 @@ def bench_filter(args) -> dict:
         while len(list(partial.glob("chunk-*.parquet"))) < args.kill_after and proc.poll() is None:
             time.sleep(0.2)
         time.sleep(args.chunk / max(args.n / full_s, 1) / 2)  # half-way through the next chunk
+        chunks_before_kill = len(list(partial.glob("chunk-*.parquet")))
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         chunks_at_kill = len(list(partial.glob("chunk-*.parquet")))
-        rows_done = chunks_at_kill * args.chunk
+        rows_done = min(chunks_at_kill * args.chunk, args.n)
         t0 = time.perf_counter()
         done = subprocess.run([*filt, "--report", str(report), "--resume", "--json"], check=True,
                               capture_output=True, text=True)
@@ -233,8 +254,9 @@ def bench_filter(args) -> dict:
         full, resumed = read_report(work / "full.parquet"), read_report(report)
         return {"n": args.n, "image_size": args.size, "chunk": args.chunk, "batch_size": args.batch_size,
                 "model": "tiny ViT (1 layer, width 32, 224 px)", "full_s": full_s, "images_per_s": args.n / full_s,
-                "chunks_total": doc["chunks"], "chunks_done_at_kill": chunks_at_kill,
-                "chunks_resumed": doc["chunks_resumed"], "rows_kept_from_killed_run": rows_done,
+                "chunks_total": doc["chunks"], "chunks_seen_before_kill": chunks_before_kill,
+                "chunks_done_at_kill": chunks_at_kill, "chunks_resumed": doc["chunks_resumed"],
+                "rows_kept_from_killed_run": rows_done, "rows_recomputed_on_resume": args.n - rows_done,
                 "resume_s": resume_s, "resumed_equals_uninterrupted": resumed.equals(full),
                 "lost_at_most_one_chunk": doc["chunks_resumed"] == chunks_at_kill}
     finally:
@@ -260,6 +282,7 @@ def main() -> None:
     i.add_argument("--part-size", type=int, default=4096)
     i.add_argument("--workers", type=int, default=None)
     i.add_argument("--device", default="cpu")
+    i.add_argument("--repeats", type=int, default=3)
     f = sub.add_parser("filter")
     f.add_argument("--n", type=int, default=100_000)
     f.add_argument("--size", type=int, default=32)
@@ -267,15 +290,19 @@ def main() -> None:
     f.add_argument("--batch-size", type=int, default=256)
     f.add_argument("--kill-after", type=int, default=3, help="kill -9 once this many chunks are written")
     f.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "percept-bench"))
+    for p in (s, i, f):
+        p.add_argument("--out", type=Path, default=None, help="result JSON (default: benchmarks/results/...)")
     args = parser.parse_args()
     result = {"search": bench_search, "index": bench_index, "filter": bench_filter}[args.mode](args)
     result["machine"] = {"cpus": os.cpu_count(), "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available()
                          else None}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    name = {"search": f"retrieve_search_{getattr(args, 'n', '')}_{getattr(args, 'dim', '')}",
-            "index": f"retrieve_index_{getattr(args, 'arch', '')}_{getattr(args, 'device', '')}",
-            "filter": f"retrieve_filter_{args.n}"}[args.mode]
-    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2))
+    name = {"search": lambda: f"retrieve_search_{args.n}_{args.dim}",
+            "index": lambda: f"retrieve_index_{args.arch}_{torch.device(args.device).type}"
+                             + (f"_{result['parts']}parts" if result["parts"] > 1 else ""),
+            "filter": lambda: f"retrieve_filter_{args.n}"}[args.mode]()
+    out = args.out or RESULTS / f"{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 
 

@@ -410,3 +410,13 @@ def test_write_kept_keeps_shards_of_the_same_name_apart(tmp_path):
     assert written == {"files": 0, "shards": 2, "samples": 2}
     assert set(tar_members(tmp_path / "kept" / "a" / "000.tar")) == {"k1.png", "k1.cls"}
     assert set(tar_members(tmp_path / "kept" / "b" / "000.tar")) == {"k4.png", "k4.cls"}
+
+
+def test_resume_of_a_finished_report_is_refused_not_recomputed(index, pool, tmp_path):
+    report = tmp_path / "done.csv"
+    args = ["retrieve", "filter", pool / "safe", "--index", index, "--flag", "unsafe", "--report", report,
+            "--device", "cpu", "--workers", "0"]
+    assert run(*args).exit_code == 0
+    before = report.read_bytes()
+    one_line_error(run(*args, "--resume"), "already complete")
+    assert report.read_bytes() == before

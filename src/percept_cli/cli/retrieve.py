@@ -697,6 +697,13 @@ def filter_command(
     recorded = {**settings.as_dict(), "index_generation": pool.manifest.get("generation"),
                 "model": pool.manifest["model"].get("weights_sha256"), "items": len(listing.items),
                 "listing": listing_digest(listing.items)}
+    from ..retrieval.reports import partial_folder
+
+    if resume and report.exists() and not partial_folder(report).exists():
+        from ..errors import BadInputError
+
+        raise BadInputError(f"--resume: {report} is already complete (no unfinished chunks); leave out --resume "
+                            "to compute it again.")
     chunks = ChunkedReport(report, COLUMNS, resume=resume, settings=recorded)
     common = _common(model, device, dtype, batch_size, workers, json, quiet)
     output = Output(json, quiet)
