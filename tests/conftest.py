@@ -125,3 +125,52 @@ def image_dir(tmp_path):
     for i, name in enumerate("abcde"):
         make_picture(i).save(directory / f"{name}.png")
     return directory
+
+
+# -- training (tests/training) ---------------------------------------------------------------------
+TINY64_CFG = {"embed_dim": 16,
+              "vision_cfg": {"image_size": 64, "layers": 1, "width": 32, "patch_size": 16, "head_width": 16},
+              "text_cfg": tiny_models.TEXT_CFG}
+
+
+@pytest.fixture(scope="session")
+def tiny64(tmp_path_factory):
+    """A 1-layer OpenCLIP ViT at 64 px (with its text tower) in the Hub layout."""
+    directory = tmp_path_factory.mktemp("tiny64")
+    tiny_models.save_open_clip_dir(directory, TINY64_CFG, seed=0)
+    return directory
+
+
+def make_images(root, classes=("cat", "dog"), per_class=20, size=24, seed=0):
+    """Random-noise PNGs in ``root/CLASS/``; class ``k`` is brighter by ``k`` steps (learnable)."""
+    rng = np.random.default_rng(seed)
+    for k, name in enumerate(classes):
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            base = rng.integers(0, 120, (size, size, 3)) + 100 * k
+            Image.fromarray(np.clip(base, 0, 255).astype(np.uint8)).save(folder / f"{i:03d}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def train_images(tmp_path_factory):
+    return make_images(tmp_path_factory.mktemp("train-images"))
+
+
+@pytest.fixture(scope="session")
+def small_nights(tmp_path_factory):
+    """48 training and 12 val triplets with fixed (arbitrary) human labels."""
+    rows = [{"id": i, "right_vote": (i * 7 % 5) % 2, "votes": 6, "split": "train" if i < 48 else "val"}
+            for i in range(60)]
+    from synthetic_datasets import make_nights
+
+    return make_nights(tmp_path_factory.mktemp("nights"), rows, size=(32, 32))
+
+
+def train_settings(model, out, **extra) -> dict:
+    """Small, fast run settings (every field can be overridden)."""
+    base = {"model": str(model), "out": str(out), "batch_size": 8, "eval_every": 0, "save_every": 0,
+            "log_every": 1, "workers": 0, "warmup": 0}
+    base.update(extra)
+    return base

@@ -541,3 +541,74 @@ def test_exact_search_on_device_equals_cpu():
     for (ci, cs), (di, ds) in zip(exact_range(queries, parts, 0.2, device="cpu"),
                                   exact_range(queries, parts, 0.2, device=DEVICE)):
         assert np.array_equal(ci, di) and np.allclose(cs, ds, atol=1e-5)
+
+
+# -- training ---------------------------------------------------------------------------------------------------
+def train(*args):
+    result = run("train", *args, "--device", DEVICE, "--workers", "0", "--json", "--quiet")
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_train_fare_resume_and_reload_on_device(tiny64, train_images, dtype, tmp_path):
+    """FARE on the device (autocast ``dtype``), stopped at a checkpoint and resumed; the model reloads there."""
+    from percept_cli.training.config import resolve_config
+    from percept_cli.training.runner import run_training
+
+    settings = {"data": str(train_images), "model": str(tiny64), "out": str(tmp_path / "run"), "steps": 4,
+                "batch_size": 8, "micro_batch": 4, "pgd_steps": 2, "save_every": 2, "eval_every": 2,
+                "eval_iters": 3, "eval_size": 4, "workers": 0, "device": DEVICE, "dtype": dtype, "lr": 1e-3}
+
+    def stop_at_2(kind, payload):
+        if kind == "checkpoint" and payload["step"] == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_training(resolve_config("fare", {}, settings), on_event=stop_at_2)
+    result = run_training(resolve_config("fare", {}, settings), resume=True)
+    assert result.resumed_from == 2 and result.steps == 4
+    assert np.isfinite(result.last_log["loss"]) and np.isfinite(result.last_eval["adv_distortion"])
+    metric = load_metric(str(tmp_path / "run"), device=DEVICE)
+    x = torch.rand(2, 3, 64, 64, device=DEVICE)
+    assert on_device(metric.encoder(x)) and torch.isfinite(metric.encoder(x)).all()
+
+
+@pytest.mark.parametrize("head", ["mlp", "lora"])
+def test_train_2afc_on_device(tiny64, small_nights, head, tmp_path):
+    doc = train("2afc", "--root", small_nights, "--head", head, "--model", tiny64, "--out", tmp_path / head,
+                "--epochs", "2", "--batch-size", "16", "--log-every", "1")
+    assert doc["steps"] == 6 and 0.0 <= doc["last_eval"]["val_accuracy"] <= 1.0
+    metric = load_metric(str(tmp_path / head), device=DEVICE)
+    assert on_device(metric.embed_pixels(torch.rand(1, 3, 64, 64, device=DEVICE)))
+
+
+def test_train_tecoa_on_device(tiny64, train_images, tmp_path):
+    names = tmp_path / "names.txt"
+    names.write_text("dark\nbright\n")
+    doc = train("tecoa", "--data", train_images, "--classnames", names, "--model", tiny64, "--out", tmp_path / "t",
+                "--steps", "2", "--batch-size", "8", "--pgd-steps", "2", "--eval-iters", "2")
+    assert 0.0 <= doc["last_eval"]["robust_accuracy"] <= doc["last_eval"]["clean_accuracy"] <= 1.0
+
+
+def test_train_torchrun_one_process(tiny64, train_images, tmp_path):
+    """``percept train fare`` under a 1-process torchrun (NCCL on a GPU) equals the plain run's loss curve."""
+    common = ["train", "fare", "--data", str(train_images), "--model", str(tiny64), "--steps", "2",
+              "--batch-size", "8", "--pgd-steps", "2", "--eval-every", "0", "--eval-iters", "2", "--log-every", "1",
+              "--device", DEVICE, "--dtype", "fp32", "--workers", "0", "--quiet"]
+    plain = run(*common, "--out", tmp_path / "plain")
+    assert plain.exit_code == 0, plain.output
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1",
+                           f"--master_port={port}", "-m", "percept_cli", *common, "--out", str(tmp_path / "tr")],
+                          check=False, env={**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+    def losses(run_dir):
+        return [r["loss"] for r in map(json.loads, (run_dir / "log.jsonl").read_text().splitlines())
+                if r["kind"] == "train"]
+
+    assert np.allclose(losses(tmp_path / "plain"), losses(tmp_path / "tr"), rtol=1e-4)

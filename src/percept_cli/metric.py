@@ -353,7 +353,8 @@ def load_metric(model: str = DEFAULT_MODEL, *, device: str | torch.device = "aut
                 dtype: str | torch.dtype = "fp32", checkpoint: str | Path | None = None,
                 batch_size: int = 32, num_workers: int | None = None, with_text: bool = False,
                 resize: int | None = None, crop: int | None = None, pooling: str | None = None,
-                input_range: str = "0,1", compile: bool = False) -> PerceptualMetric:
+                input_range: str = "0,1", compile: bool = False, head: str | Path | None = None,
+                adapter: str | Path | None = None) -> PerceptualMetric:
     """Load a perceptual metric by zoo name, ``hf-hub:`` id, local directory, or arch + checkpoint.
 
     The metric comes in eval mode with every parameter frozen (``requires_grad=False``): gradients
@@ -378,6 +379,12 @@ def load_metric(model: str = DEFAULT_MODEL, *, device: str | torch.device = "aut
             again for new shapes/dtypes: pays off for long GPU runs such as attacks and large evaluations).
             Convolutional backbones on CUDA also run in channels-last memory format, compile or not
             (see :func:`percept_cli.models.encoder.prefers_channels_last`).
+        head: an MLP head file to put on the embedding (``.safetensors``, or a weights-only ``.pt`` such as
+            the paper authors' Lightning checkpoints ``mlp-convnext_base_w-fare-eps4.pt``).
+        adapter: a LoRA adapter directory (peft's ``adapter_config.json`` + ``adapter_model.safetensors``),
+            merged into the weights. With ``head`` or ``adapter`` the preprocessing is the authors' for
+            these models (224x224, no crop) unless ``resize``/``crop`` say otherwise. A trained model
+            directory (``percept_model.json``) brings its own head and preprocessing.
 
     Raises:
         UnknownModelError, BadInputError (also: ``compile`` where torch.compile is unavailable),
@@ -391,7 +398,8 @@ def load_metric(model: str = DEFAULT_MODEL, *, device: str | torch.device = "aut
     ref = parse_model_name(model, checkpoint)
     torch_device = resolve_device(device)
     encoder, source, text = load_encoder_and_text(ref, torch_device, resolve_dtype(dtype), with_text=with_text,
-                                                  resize=resize, crop=crop, pooling=pooling)
+                                                  resize=resize, crop=crop, pooling=pooling, head=head,
+                                                  adapter=adapter)
     encoder.set_compile(compile)
     metric = PerceptualMetric(encoder, source, batch_size=batch_size, num_workers=num_workers, text_encoder=text,
                               input_range=input_range)

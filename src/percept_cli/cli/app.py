@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 import typer
 
 from .. import __version__
-from . import attack, compare_paper, distance, embed, eval_2afc, invert, models, retrieve
+from . import attack, compare_paper, distance, embed, eval_2afc, invert, models, retrieve, train
 from .command import PerceptCommand, PerceptGroup
 from .output import stdout_closed
 
@@ -46,6 +46,7 @@ app.command("eval-2afc", help=eval_2afc.HELP, cls=PerceptCommand)(eval_2afc.eval
 app.command("compare-paper", help=compare_paper.HELP, cls=PerceptCommand)(compare_paper.compare_paper)
 app.command("invert", help=invert.HELP, cls=PerceptCommand)(invert.invert_command)
 app.add_typer(retrieve.app, name="retrieve")
+app.add_typer(train.app, name="train")
 app.add_typer(models.app, name="models")
 
 

@@ -10,7 +10,7 @@ import typer
 from ..models.zoo import DEFAULT_MODEL
 from .command import PerceptCommand, PerceptGroup
 from .errors import handle_errors
-from .options import (CompileOpt, BatchSizeOpt, CheckpointOpt, Common, CropOpt, DeviceOpt, DtypeOpt, EpsOpt, ForceOpt,
+from .options import (CompileOpt, BatchSizeOpt, CheckpointOpt, HeadOpt, LoraOpt, Common, CropOpt, DeviceOpt, DtypeOpt, EpsOpt, ForceOpt,
                       ItersOpt, JsonOpt, ModelOpt, NormOpt, PoolingOpt, QuietOpt, RandomStartOpt, ResizeOpt,
                       RestartsOpt, SeedOpt, attack_settings, threat_dict)
 from .output import Output
@@ -62,7 +62,7 @@ def _prepare(common: Common, output: Output, images: list[Path], out: Optional[P
     if failures:
         raise first_failure_error(failures)
     if out is not None:
-        on_disk = path_inputs([*folders, common.model, common.checkpoint])
+        on_disk = path_inputs([*folders, common.model, common.checkpoint, common.head, common.lora])
         check_outputs([output_file("--out", out, (".png",))], inputs=[*images, *on_disk], input_dirs=on_disk)
     return common.load_metric(output, dtype="fp32")
 
@@ -84,7 +84,7 @@ def attack_2afc_command(
     skip_bad: SkipBadOpt = False,
     norm: NormOpt = "linf", eps: EpsOpt = None, iters: ItersOpt = 100, restarts: RestartsOpt = 1,
     random_start: RandomStartOpt = True, force: ForceOpt = False,
-    model: ModelOpt = DEFAULT_MODEL, checkpoint: CheckpointOpt = None, device: DeviceOpt = "auto",
+    model: ModelOpt = DEFAULT_MODEL, checkpoint: CheckpointOpt = None, head: HeadOpt = None, lora: LoraOpt = None, device: DeviceOpt = "auto",
     dtype: DtypeOpt = "fp32", batch_size: BatchSizeOpt = 32, resize: ResizeOpt = None, crop: CropOpt = None,
     pooling: PoolingOpt = None, compile: CompileOpt = False, seed: SeedOpt = 0, json: JsonOpt = False, quiet: QuietOpt = False,
 ) -> None:
@@ -101,7 +101,7 @@ def attack_2afc_command(
         raise BadInputError(f"--loss must be ce or margin; got '{loss}'.")
     settings = attack_settings(norm, eps, iters, restarts, random_start, seed, dtype, loss,
                                square_queries if square else 0, force=force)
-    common = Common(model=model, compile=compile, checkpoint=checkpoint, device=device, dtype=dtype, batch_size=batch_size,
+    common = Common(model=model, compile=compile, checkpoint=checkpoint, head=head, lora=lora, device=device, dtype=dtype, batch_size=batch_size,
                     seed=seed, json=json, quiet=quiet, resize=resize, crop=crop, pooling=pooling)
     output = Output(json, quiet)
     _usable([], skip_bad, output, required=[ref, left, right])
@@ -202,7 +202,7 @@ def attack_embed_command(
     skip_bad: SkipBadOpt = False,
     norm: NormOpt = "linf", eps: EpsOpt = None, iters: ItersOpt = 100, restarts: RestartsOpt = 1,
     random_start: RandomStartOpt = True, force: ForceOpt = False,
-    model: ModelOpt = DEFAULT_MODEL, checkpoint: CheckpointOpt = None, device: DeviceOpt = "auto",
+    model: ModelOpt = DEFAULT_MODEL, checkpoint: CheckpointOpt = None, head: HeadOpt = None, lora: LoraOpt = None, device: DeviceOpt = "auto",
     dtype: DtypeOpt = "fp32", batch_size: BatchSizeOpt = 32, resize: ResizeOpt = None, crop: CropOpt = None,
     pooling: PoolingOpt = None, compile: CompileOpt = False, seed: SeedOpt = 0, json: JsonOpt = False, quiet: QuietOpt = False,
 ) -> None:
@@ -217,7 +217,7 @@ def attack_embed_command(
         raise BadInputError("choose exactly one of --untargeted or --target IMAGE (at least one target).")
     targets = [p for t in (target or []) for p in (list_images(t) if t.is_dir() else [t])]
     settings = attack_settings(norm, eps, iters, restarts, random_start, seed, dtype, force=force)
-    common = Common(model=model, compile=compile, checkpoint=checkpoint, device=device, dtype=dtype, batch_size=batch_size,
+    common = Common(model=model, compile=compile, checkpoint=checkpoint, head=head, lora=lora, device=device, dtype=dtype, batch_size=batch_size,
                     seed=seed, json=json, quiet=quiet, resize=resize, crop=crop, pooling=pooling)
     output = Output(json, quiet)
     targets, skipped = _usable(targets, skip_bad, output, required=[image])

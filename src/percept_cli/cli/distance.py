@@ -9,7 +9,7 @@ import typer
 
 from ..models.zoo import DEFAULT_MODEL
 from .errors import handle_errors
-from .options import (CompileOpt, BatchSizeOpt, CheckpointOpt, Common, CropOpt, DeviceOpt, DtypeOpt, ForceOpt, ItersOpt, JsonOpt,
+from .options import (CompileOpt, BatchSizeOpt, CheckpointOpt, HeadOpt, LoraOpt, Common, CropOpt, DeviceOpt, DtypeOpt, ForceOpt, ItersOpt, JsonOpt,
                       ModelOpt, NormOpt, PoolingOpt, QuietOpt, RandomStartOpt, ResizeOpt, RestartsOpt, SeedOpt,
                       WorkersOpt, attack_settings, threat_dict)
 from .output import Output
@@ -49,7 +49,7 @@ def distance(
     random_start: RandomStartOpt = True,
     force: ForceOpt = False,
     model: ModelOpt = DEFAULT_MODEL,
-    checkpoint: CheckpointOpt = None,
+    checkpoint: CheckpointOpt = None, head: HeadOpt = None, lora: LoraOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "fp32",
     batch_size: BatchSizeOpt = 32,
@@ -67,7 +67,7 @@ def distance(
     settings = None
     if robust is not None:
         settings = attack_settings(norm, robust, iters, restarts, random_start, seed, dtype, force=force)
-    common = Common(model=model, compile=compile, checkpoint=checkpoint, device=device, dtype=dtype, batch_size=batch_size,
+    common = Common(model=model, compile=compile, checkpoint=checkpoint, head=head, lora=lora, device=device, dtype=dtype, batch_size=batch_size,
                     workers=workers, seed=seed, json=json, quiet=quiet, resize=resize, crop=crop, pooling=pooling)
     output = Output(json, quiet)
 
@@ -80,7 +80,7 @@ def distance(
         distances.check_robust_mode(job.mode)
     files = job.files()
     if out is not None:
-        _check_out(out, job.mode, files, [*(inputs or []), pairs, model, checkpoint])
+        _check_out(out, job.mode, files, [*(inputs or []), pairs, model, checkpoint, head, lora])
     elif job.mode == "matrix" and not json and (len(job.rows) > MAX_PRINTED_MATRIX[0]
                                                or len(job.cols) > MAX_PRINTED_MATRIX[1]):
         from ..errors import BadInputError

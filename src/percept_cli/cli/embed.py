@@ -9,7 +9,7 @@ import typer
 
 from ..models.zoo import DEFAULT_MODEL
 from .errors import handle_errors
-from .options import (CompileOpt, BatchSizeOpt, CheckpointOpt, Common, CropOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt,
+from .options import (CompileOpt, BatchSizeOpt, CheckpointOpt, HeadOpt, LoraOpt, Common, CropOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt,
                       PoolingOpt, QuietOpt, ResizeOpt, WorkersOpt)
 from .output import Output
 
@@ -34,7 +34,7 @@ def embed_command(
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Report and skip unreadable images instead of "
                                            "stopping.")] = False,
     model: ModelOpt = DEFAULT_MODEL,
-    checkpoint: CheckpointOpt = None,
+    checkpoint: CheckpointOpt = None, head: HeadOpt = None, lora: LoraOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "fp32",
     batch_size: BatchSizeOpt = 32,
@@ -49,14 +49,14 @@ def embed_command(
     from ..embeddings import FORMATS, check_format, embed_to_file, expand_sources, sidecar_path
     from ..io.outputs import check_outputs, output_file, path_inputs
 
-    common = Common(model=model, compile=compile, checkpoint=checkpoint, device=device, dtype=dtype, batch_size=batch_size,
+    common = Common(model=model, compile=compile, checkpoint=checkpoint, head=head, lora=lora, device=device, dtype=dtype, batch_size=batch_size,
                     workers=workers, json=json, quiet=quiet, resize=resize, crop=crop, pooling=pooling)
     output = Output(json, quiet)
     files = expand_sources(sources, recursive)
     specs = [output_file("--out", out, FORMATS)]
     if out.suffix.lower() == ".npy":
         specs.append(output_file("--out", sidecar_path(out), (".json",)))
-    on_disk = path_inputs([*sources, model, checkpoint])  # never write into what is read
+    on_disk = path_inputs([*sources, model, checkpoint, head, lora])  # never write into what is read
     check_outputs(specs, inputs=[*files, *on_disk], input_dirs=on_disk)
     check_format(out)
     failures = check_files(files)

@@ -51,6 +51,8 @@ def _fail(message: str, hint: str | None, exit_code: int, kind: str, json_mode: 
 
 def resume_hint(kwargs: dict) -> str:
     """How to go on after Ctrl-C: ``--resume FILE`` where the command has saved resumable work."""
+    if "save_every" in kwargs:  # percept train: checkpoints are in the run directory
+        return "Checkpoints are kept; rerun the same command with --resume to continue from the last one."
     if "faiss_kind" in kwargs:  # retrieve index / add: finished parts stay on disk
         return "Finished parts are kept; rerun the same command to continue from them."
     if isinstance(kwargs.get("resume"), bool):  # retrieve filter: --resume is a flag, the report holds the chunks

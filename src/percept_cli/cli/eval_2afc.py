@@ -14,7 +14,7 @@ import typer
 
 from ..models.zoo import DEFAULT_MODEL
 from .errors import handle_errors
-from .options import (BatchSizeOpt, CheckpointOpt, Common, CropOpt, DeviceOpt, DtypeOpt, EpsOpt, ForceOpt, ItersOpt,
+from .options import (BatchSizeOpt, CheckpointOpt, HeadOpt, LoraOpt, Common, CropOpt, DeviceOpt, DtypeOpt, EpsOpt, ForceOpt, ItersOpt,
                       JsonOpt, ModelsOpt, PoolingOpt, QuietOpt, RandomStartOpt, ResizeOpt, RestartsOpt, SeedOpt,
                       WorkersOpt, attack_settings, check_radii)
 from .output import Output
@@ -101,7 +101,7 @@ def eval_2afc(
     model: ModelsOpt = None,
     models_file: Annotated[Optional[Path], typer.Option("--models-file", help="File with one model per line.",
                                                         rich_help_panel="Model")] = None,
-    checkpoint: CheckpointOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "fp32",
+    checkpoint: CheckpointOpt = None, head: HeadOpt = None, lora: LoraOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "fp32",
     batch_size: BatchSizeOpt = 32, workers: WorkersOpt = None, resize: ResizeOpt = None, crop: CropOpt = None,
     pooling: PoolingOpt = None,
     seed: SeedOpt = 0, json: JsonOpt = False, quiet: QuietOpt = False,
@@ -121,7 +121,7 @@ def eval_2afc(
     request = runner.EvalRequest(
         dataset=dataset, root=root, split=split, subsets=tuple(subset or ()), triplets=triplets,
         image_list=image_list, n=n, first=first, protocol=protocol.strip().lower(),
-        models=_model_names(model, models_file), checkpoint=checkpoint, resize=resize, crop=crop, pooling=pooling,
+        models=_model_names(model, models_file), checkpoint=checkpoint, head=head, lora=lora, resize=resize, crop=crop, pooling=pooling,
         dtype="fp32" if settings is not None else dtype,  # an attack autocasts; its weights stay fp32
         attack=settings, radii=radii, seed=seed, batch_size=batch_size, attack_batch_size=attack_batch_size,
         out=out, resume=resume, save_adv=save_adv,
@@ -132,7 +132,7 @@ def eval_2afc(
 
     dist = distributed.init(device)
     output = Output(json, quiet or not dist.is_main)
-    common = Common(model=job.models[0], checkpoint=checkpoint, device=distributed.device_for(dist, device),
+    common = Common(model=job.models[0], checkpoint=checkpoint, head=head, lora=lora, device=distributed.device_for(dist, device),
                     dtype=request.dtype, batch_size=batch_size, workers=workers, seed=seed, resize=resize, crop=crop,
                     pooling=pooling)
     writes = OutputWrites()  # a failed write still prints the results, then exits non-zero

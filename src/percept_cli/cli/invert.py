@@ -9,7 +9,7 @@ import typer
 
 from ..models.zoo import DEFAULT_MODEL
 from .errors import handle_errors
-from .options import (CompileOpt, CheckpointOpt, Common, CropOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, PoolingOpt,
+from .options import (CompileOpt, CheckpointOpt, HeadOpt, LoraOpt, Common, CropOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, PoolingOpt,
                       QuietOpt, ResizeOpt)
 from .output import Output
 
@@ -65,7 +65,7 @@ def invert_command(
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Accepted as by the other commands; --image is the "
                                            "only image, so an unreadable one still stops the run (exit 2).")]
     = False,
-    model: ModelOpt = DEFAULT_MODEL, checkpoint: CheckpointOpt = None, device: DeviceOpt = "auto",
+    model: ModelOpt = DEFAULT_MODEL, checkpoint: CheckpointOpt = None, head: HeadOpt = None, lora: LoraOpt = None, device: DeviceOpt = "auto",
     dtype: DtypeOpt = "fp32", resize: ResizeOpt = None, crop: CropOpt = None,
     pooling: PoolingOpt = None, compile: CompileOpt = False,
     json: JsonOpt = False, quiet: QuietOpt = False,
@@ -84,9 +84,9 @@ def invert_command(
     if image is not None:
         _check_image(image, skip_bad)
     target = InversionTarget.text(text) if text is not None else InversionTarget.image(image)
-    _check_out(out, target.name, seed_list, grid, save_every, [image, model, checkpoint, judge])
+    _check_out(out, target.name, seed_list, grid, save_every, [image, model, checkpoint, head, lora, judge])
     # weights stay fp32 (--dtype is the optimisation's autocast); the judge keeps its own preprocessing
-    common = Common(model=model, compile=compile, checkpoint=checkpoint, device=device, dtype=dtype, json=json, quiet=quiet,
+    common = Common(model=model, compile=compile, checkpoint=checkpoint, head=head, lora=lora, device=device, dtype=dtype, json=json, quiet=quiet,
                     resize=resize, crop=crop, pooling=pooling)
     output = Output(json, quiet)
     metric = common.load_metric(output, with_text=text is not None, dtype="fp32")

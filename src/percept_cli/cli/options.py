@@ -18,6 +18,14 @@ ModelOpt = Annotated[str, typer.Option("--model", "-m", help=MODEL_HELP, envvar=
 CheckpointOpt = Annotated[Optional[Path], typer.Option(
     "--checkpoint", help="Visual-encoder weights (.safetensors, or weights-only .pt/.bin) for --model ARCH.",
     rich_help_panel="Model")]
+HeadOpt = Annotated[Optional[Path], typer.Option(
+    "--head", help="An MLP head file to put on the embedding (.safetensors, or a weights-only .pt such as the "
+    "paper authors' mlp-*.pt Lightning checkpoints).", rich_help_panel="Model", show_default=False)]
+LoraOpt = Annotated[Optional[Path], typer.Option(
+    "--lora", help="A LoRA adapter folder (peft's adapter_config.json + adapter_model.safetensors, such as the "
+    "authors' lora-* folders), merged into the weights. With --head or --lora images are resized to 224x224 "
+    "without a crop (the authors' setting) unless --resize/--crop say otherwise.", rich_help_panel="Model",
+    show_default=False)]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda[:N] | mps (auto: best present).",
                                         envvar="PERCEPT_DEVICE", rich_help_panel="Model")]
 DTYPE_HELP = ("fp32 | bf16 | fp16. Embedding: the encoder's weights and compute. Attacks and inversion: the "
@@ -72,6 +80,8 @@ class Common:
     crop: Optional[str] = None
     pooling: Optional[str] = None
     compile: bool = False
+    head: Optional[Path] = None
+    lora: Optional[Path] = None
 
     def load_metric(self, out, model: Optional[str] = None, *, with_text: bool = False, dtype: Optional[str] = None,
                     geometry: bool = True):
@@ -80,7 +90,8 @@ class Common:
 
         ``dtype`` overrides ``--dtype`` for the weights (attacks keep fp32 weights and autocast);
         ``geometry=False`` ignores ``--resize``/``--crop``/``--pooling`` (a second model, such as
-        ``invert --judge``, keeps its own preprocessing) and ``--compile`` (it runs a few forwards only).
+        ``invert --judge``, keeps its own preprocessing), ``--checkpoint``/``--head``/``--lora`` (they belong
+        to ``--model``) and ``--compile`` (it runs a few forwards only).
         """
         import torch
 
@@ -89,6 +100,8 @@ class Common:
         name = model or self.model
         torch.manual_seed(self.seed)
         extra = geometry_options(self.resize, self.crop, self.pooling) if geometry else {}
+        if geometry:
+            extra.update(head=self.head, adapter=self.lora)
         with out.status(f"Loading {name} ..."):
             return load_metric(name, device=self.device, dtype=dtype or self.dtype,
                                checkpoint=self.checkpoint if geometry else None, batch_size=self.batch_size,

@@ -14,7 +14,7 @@ import typer
 
 from .command import PerceptCommand, PerceptGroup
 from .errors import handle_errors
-from .options import (BatchSizeOpt, CheckpointOpt, Common, CompileOpt, CropOpt, DeviceOpt, DtypeOpt, EpsOpt,
+from .options import (BatchSizeOpt, CheckpointOpt, HeadOpt, LoraOpt, Common, CompileOpt, CropOpt, DeviceOpt, DtypeOpt, EpsOpt,
                       ForceOpt, ItersOpt, JsonOpt, PoolingOpt, QuietOpt, RandomStartOpt, ResizeOpt, RestartsOpt,
                       SeedOpt, WorkersOpt, attack_settings, threat_dict)
 from .output import Output
@@ -56,10 +56,10 @@ process builds its own block of parts.
 
 
 def _common(model, device, dtype, batch_size, workers, json, quiet, seed=0, checkpoint=None, resize=None, crop=None,
-            pooling=None, compile=False) -> Common:
+            pooling=None, compile=False, head=None, lora=None) -> Common:
     from ..models.zoo import DEFAULT_MODEL
 
-    return Common(model=model or DEFAULT_MODEL, checkpoint=checkpoint, device=device, dtype=dtype,
+    return Common(model=model or DEFAULT_MODEL, checkpoint=checkpoint, head=head, lora=lora, device=device, dtype=dtype,
                   batch_size=batch_size, workers=workers, seed=seed, json=json, quiet=quiet, resize=resize, crop=crop,
                   pooling=pooling, compile=compile)
 
@@ -135,7 +135,7 @@ def _build(sources, out: Path, labels: str, mode: str, part_size: Optional[int],
     if faiss_kind not in FAISS_KINDS:
         raise BadInputError(f"--faiss takes {', '.join(FAISS_KINDS)}; got '{faiss_kind}'.")
     csv, from_folder = _labels(labels)
-    on_disk = path_inputs([*sources, csv, requested, common.checkpoint])
+    on_disk = path_inputs([*sources, csv, requested, common.checkpoint, common.head, common.lora])
     check_outputs([output_folder("--out", out)], inputs=on_disk, input_dirs=on_disk)
     listing = collect_items(sources, labels=csv, label_from_folder=from_folder)
     existing = pool_index.open_index(out) if (out / "manifest.json").exists() else None
@@ -204,13 +204,13 @@ def index_command(
     faiss_kind: Annotated[str, typer.Option("--faiss", help="auto (when faiss is installed and the index holds at "
                                             f"least {FAISS_AUTO_MIN:,} images) | none | flat | ivf-flat | "
                                             "ivf-pq.")] = "auto",
-    model: ModelOpt = None, checkpoint: CheckpointOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "fp32",
+    model: ModelOpt = None, checkpoint: CheckpointOpt = None, head: HeadOpt = None, lora: LoraOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "fp32",
     batch_size: BatchSizeOpt = 32, workers: WorkersOpt = None, resize: ResizeOpt = None, crop: CropOpt = None,
     pooling: PoolingOpt = None, compile: CompileOpt = False, seed: SeedOpt = 0, json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     common = _common(model, device, dtype, batch_size, workers, json, quiet, seed, checkpoint, resize, crop, pooling,
-                     compile)
+                     compile, head, lora)
     _build(sources, out, labels, "sync", part_size, storage_dtype, faiss_kind.strip().lower(), common, model, json)
 
 

@@ -34,7 +34,7 @@ class EvalRequest:
     """What one evaluation run is asked to do.
 
     ``models`` in order (a name given twice is evaluated once); ``attack`` the base settings of the
-    ``radii`` (ascending; empty: clean only); ``checkpoint``/``dtype``/``resize``/``crop``/``pooling``
+    ``radii`` (ascending; empty: clean only); ``checkpoint``/``head``/``lora``/``dtype``/``resize``/``crop``/``pooling``
     how the models are loaded (recorded, so a resumed run must match); ``out`` the results file and
     ``resume`` a results file to continue (written to ``out`` if given, else to itself);
     ``save_adv`` a folder for adversarial references (one subfolder per model); ``skip_bad`` leaves
@@ -57,6 +57,8 @@ class EvalRequest:
     protocol: str = "paper"
     models: Sequence[str] = ()
     checkpoint: Optional[Path] = None
+    head: Optional[Path] = None
+    lora: Optional[Path] = None
     dtype: str = "fp32"
     resize: Optional[int] = None
     crop: Optional[str] = None
@@ -170,6 +172,9 @@ def run_settings(request: EvalRequest, index: DatasetIndex, models: list[str]) -
                                   "dtype": request.dtype, "resize": request.resize,
                                   "crop": request.crop.strip().lower() if request.crop else None,
                                   "pooling": request.pooling}}
+    for name in ("head", "lora"):  # recorded only when given, so results files written before them still resume
+        if getattr(request, name) is not None:
+            settings["model_options"][name] = _resolved(getattr(request, name))
     if request.attack is not None and request.attack.square_queries > 0 and request.radii:
         settings["attack_batch_size"] = request.attack_batch_size
     return settings
@@ -209,7 +214,7 @@ def _check_outputs(request: EvalRequest, out: Optional[Path], index: DatasetInde
         specs += [output_folder(label, twoafc.adversarial_folder(base / folder, r, norm))
                   for folder in model_folder_names(models).values() for r in request.radii]
     root = Path(index.root)  # a folder (NIGHTS, BAPPS, THINGS) or the custom dataset's CSV
-    on_disk = path_inputs([*models, request.checkpoint, request.triplets, request.image_list, *request.other_inputs])
+    on_disk = path_inputs([*models, request.checkpoint, request.head, request.lora, request.triplets, request.image_list, *request.other_inputs])
     check_outputs(specs, inputs=[root, *index.distinct_images(), *on_disk],
                   input_dirs=[*on_disk, *([root] if root.is_dir() else [])])
 

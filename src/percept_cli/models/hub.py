@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..errors import BadInputError, ModelFormatError, ModelUnavailableError
@@ -25,6 +25,8 @@ WEIGHT_FILES = {
                 "open_clip_pytorch_model.bin", "open_clip_pytorch_model.pth"),
     TIMM: ("model.safetensors", "pytorch_model.bin"),
 }
+# A trained model's record (``percept train``; see models/adapters.py), fetched with the model when present.
+PERCEPT_MODEL_FILE = "percept_model.json"
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,9 @@ class ModelFiles:
         root: the directory holding both (a Hub snapshot or the user's directory).
         repo_id: Hub repo id, None for a local directory.
         revision: resolved commit hash of the Hub snapshot, None for a local directory.
+        arch: the OpenCLIP built-in config to use when ``config_path`` is None.
+        percept_config: the model's ``percept_model.json`` (a trained model: head, preprocessing), if it
+            has one; its head file then lies beside it.
     """
 
     family: str
@@ -48,6 +53,7 @@ class ModelFiles:
     repo_id: str | None = None
     revision: str | None = None
     arch: str | None = None
+    percept_config: Path | None = None
 
     def read_config(self) -> dict:
         """The parsed JSON config. Raises ModelFormatError if it is not valid JSON."""
@@ -90,7 +96,9 @@ def local_model_files(directory: str | Path) -> ModelFiles:
             continue
         for weights in WEIGHT_FILES[family]:
             if (root / weights).is_file():
-                return ModelFiles(family, config, root / weights, root)
+                record = root / PERCEPT_MODEL_FILE
+                return ModelFiles(family, config, root / weights, root,
+                                  percept_config=record if record.is_file() else None)
         raise ModelFormatError(
             f"model directory {root} has {config.name} but no weights file "
             f"(expected one of {', '.join(WEIGHT_FILES[family])}).")
@@ -106,6 +114,8 @@ def fetch_model_files(repo_id: str, revision: str | None = None, *, family: str 
 
     Cache-first: a cached snapshot is used without contacting the Hub (fast, and works
     offline); ``refresh=True`` (``percept models download``) asks the Hub for the newest files.
+    A trained model's ``percept_model.json`` and the head file it names come with the snapshot
+    when the repo has them, by the same rules (see :func:`_with_percept_files`).
     Before downloading, the Hub is probed once with a short timeout, so an offline machine
     gets its answer at once instead of after huggingface_hub's retries.
 
@@ -128,11 +138,11 @@ def fetch_model_files(repo_id: str, revision: str | None = None, *, family: str 
     if not refresh or offline:
         files = _locate(repo_id, revision, families, True, builtin_arch)
         if files is not None:
-            return files
+            return _with_percept_files(files, True)
     if not offline and _hub_reachable():
         files = _locate(repo_id, revision, families, False, builtin_arch)
         if files is not None:
-            return files
+            return _with_percept_files(files, False)
         raise BadInputError(f"Hub repo {where} holds no open_clip_config.json or config.json with weights; "
                             "it is not an OpenCLIP or timm model.")
     if _in_cache(repo_id):
@@ -159,6 +169,31 @@ def _locate(repo_id: str, revision: str | None, families: tuple[str, ...], local
                 arch = builtin_arch if config is None else None
                 return ModelFiles(fam, config, weights, weights.parent, repo_id, weights.parent.name, arch)
     return None
+
+
+def _with_percept_files(files: ModelFiles, local_only: bool) -> ModelFiles:
+    """``files`` with the snapshot's ``percept_model.json`` (and the head file it names) when the repo has one.
+
+    Same snapshot (commit) and same rule as the config and weights: a model found in the cache is
+    completed from the cache alone (no Hub contact); one fetched from the Hub fetches these too.
+    """
+    record = _download(files.repo_id, PERCEPT_MODEL_FILE, files.revision, local_only)
+    if record is None:
+        return files
+    head = _head_file_name(record)
+    if head is not None:
+        _download(files.repo_id, head, files.revision, local_only)  # a missing one is reported at loading
+    return replace(files, percept_config=record)
+
+
+def _head_file_name(record: Path) -> str | None:
+    """The head file a ``percept_model.json`` names, if it can be read (it is checked when loading)."""
+    try:
+        head = json.loads(record.read_text(encoding="utf-8")).get("head")
+    except (OSError, ValueError, AttributeError):
+        return None
+    name = head.get("file") if isinstance(head, dict) else None
+    return name if isinstance(name, str) and name and ".." not in Path(name).parts else None
 
 
 def _download(repo_id: str, filename: str, revision: str | None, local_only: bool) -> Path | None:

@@ -5,6 +5,9 @@ Three ways in, one way out:
     vision tower is built (the whole CLIP model when the text tower is wanted) and only its weights read;
   * a Hub repo or local directory in timm's layout (``config.json``) -> ``timm.create_model``;
   * an OpenCLIP architecture plus a visual-encoder checkpoint (``--checkpoint``).
+Fine-tuned additions (:mod:`.adapters`): a trained model directory's ``percept_model.json`` (its MLP head
+and preprocessing), and MLP head files / LoRA adapters the caller names (the paper authors' releases;
+LoRA is merged into the weights).
 Models are built with their parameters on the meta device (no random initialisation; see
 :mod:`.weights`), then take the checkpoint's tensors, read straight to the target device from
 ``.safetensors``, or from ``.pt/.bin`` with ``torch.load(weights_only=True)``. The result is the model
@@ -13,7 +16,7 @@ Models are built with their parameters on the meta device (no random initialisat
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -21,7 +24,7 @@ from torch import nn
 
 from ..errors import BadInputError, ModelFormatError, ModelUnavailableError
 from ..io.preprocess import Preprocess
-from . import hub, openclip, weights
+from . import adapters, hub, openclip, weights
 from .encoder import PixelEncoder, TextEncoder, prefers_channels_last
 from .naming import ModelRef
 from .pooling import check_pooling, refuse_pooling, set_vit_pooling
@@ -36,7 +39,11 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass(frozen=True)
 class ModelSource:
-    """Where a loaded model came from (for `models info` and results files)."""
+    """Where a loaded model came from (for `models info` and results files).
+
+    ``head``: the MLP head file attached (a trained directory's or the caller's), ``adapter``: the LoRA
+    adapter directory merged at load time (None for a trained directory, whose LoRA is in its weights).
+    """
 
     name: str
     kind: str
@@ -46,6 +53,8 @@ class ModelSource:
     weights: str | None = None
     zoo: str | None = None
     pooling: str | None = None
+    head: str | None = None
+    adapter: str | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -147,49 +156,36 @@ def load_encoder(ref: ModelRef, device: torch.device | str = "cpu",
 
 def load_encoder_and_text(ref: ModelRef, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                           with_text: bool = True, *, resize: int | None = None, crop: int | None = None,
-                          pooling: str | None = None
+                          pooling: str | None = None, head: str | Path | None = None,
+                          adapter: str | Path | None = None
                           ) -> tuple[PixelEncoder, ModelSource, TextEncoder | None]:
     """:func:`load_encoder`, plus the CLIP text tower (None for vision-only models or when not asked).
 
     A visual-encoder checkpoint (``--checkpoint``) has no trained text tower: None as well.
     ``resize``/``crop`` override the preprocessing geometry (see :func:`input_geometry`);
     ``pooling`` overrides how a timm ViT's tokens become the embedding (a key of :data:`.pooling.POOLINGS`;
-    default: the zoo entry's, else timm's own).
+    default: the zoo entry's, else timm's own). ``head``: an MLP head file to attach; ``adapter``: a LoRA
+    adapter directory to merge into the weights (see :func:`.adapters.fine_tune`: with either, the geometry
+    is the authors' 224 px without a crop unless ``resize``/``crop`` say otherwise). A model directory with
+    a ``percept_model.json`` gets its own head and preprocessing.
 
     Raises:
         BadInputError: an unknown pooling, or a pooling for a model that cannot provide it.
+        ModelFormatError: a malformed ``percept_model.json``, head file or adapter (see :mod:`.adapters`).
     """
-    zoo = ref.spec.name if ref.spec else None
     check_pooling(pooling)
     if pooling is None and ref.spec is not None:
         pooling = ref.spec.pooling
-    text_model = None  # (CLIP model, tokenizer name) when the text tower is kept
     device = torch.device(device)
-    if ref.kind == "checkpoint":
-        refuse_pooling(pooling, ref.name)
-        backbone, pp = openclip.load_open_clip_checkpoint(ref.identifier, ref.checkpoint, device)
-        mean, std, size = tuple(pp["mean"]), tuple(pp["std"]), _square_size(pp["size"], ref.identifier)
-        _check_quick_gelu(backbone, ref, f"architecture '{ref.identifier}'")
-        source = ModelSource(ref.name, "checkpoint", ref.identifier, hub.OPEN_CLIP,
-                             weights=str(ref.checkpoint), zoo=zoo)
-    else:
-        files = resolve_files(ref)
-        if files.family == hub.OPEN_CLIP:
-            refuse_pooling(pooling, ref.name)
-            backbone, pp, clip_model = openclip.load_open_clip_dir(files, device, with_text, _needs_quick_gelu(ref))
-            mean, std, size = tuple(pp["mean"]), tuple(pp["std"]), _square_size(pp["size"], str(files.root))
-            if clip_model is not None:
-                text_model = (clip_model, f"local-dir:{files.root}" if files.config_path else files.arch)
-            _check_quick_gelu(backbone, ref, str(files.config_path or f"OpenCLIP built-in '{files.arch}'"))
-        else:
-            backbone, mean, std, size, pooling = _load_timm(files, device, pooling)
-        source = ModelSource(ref.name, ref.kind, files.repo_id or str(files.root), files.family,
-                             revision=files.revision, weights=str(files.weights_path), zoo=zoo,
-                             pooling=pooling)
-    preprocess = input_geometry(ref, size, resize, crop)
+    backbone, (mean, std, size), source, text_model, trained = _build(ref, device, with_text, pooling)
+    tuned = adapters.fine_tune(backbone, size, device, trained=trained, head=head, adapter=adapter)
+    source = replace(source, head=tuned.head_source, adapter=tuned.adapter_source)
+    preprocess = input_geometry(ref, size, resize, crop, base=tuned.geometry)
     encoder = PixelEncoder(backbone, mean, std, preprocess.image_size, preprocess=preprocess)
-    encoder.eval().requires_grad_(False)
     encoder.to(device)  # the weights are there already; computed buffers and mean/std follow
+    if tuned.head is not None:
+        encoder.set_head(tuned.head)
+    encoder.eval().requires_grad_(False)
     encoder.set_compute_dtype(dtype)
     if prefers_channels_last(backbone, device):
         encoder.set_channels_last(True)
@@ -203,15 +199,47 @@ def load_encoder_and_text(ref: ModelRef, device: torch.device | str = "cpu", dty
     return encoder, source, text
 
 
+def _build(ref: ModelRef, device: torch.device, with_text: bool, pooling: str | None):
+    """(backbone, (mean, std, size), source, (CLIP model, tokenizer name) or None, trained record or None)."""
+    zoo = ref.spec.name if ref.spec else None
+    text_model = None  # (CLIP model, tokenizer name) when the text tower is kept
+    if ref.kind == "checkpoint":
+        refuse_pooling(pooling, ref.name)
+        backbone, pp = openclip.load_open_clip_checkpoint(ref.identifier, ref.checkpoint, device)
+        mean, std, size = tuple(pp["mean"]), tuple(pp["std"]), _square_size(pp["size"], ref.identifier)
+        _check_quick_gelu(backbone, ref, f"architecture '{ref.identifier}'")
+        source = ModelSource(ref.name, "checkpoint", ref.identifier, hub.OPEN_CLIP,
+                             weights=str(ref.checkpoint), zoo=zoo)
+        return backbone, (mean, std, size), source, None, None
+    files = resolve_files(ref)
+    # a trained directory's record is checked before any weights are read
+    trained = adapters.read_percept_model(files.percept_config) if files.percept_config else None
+    if files.family == hub.OPEN_CLIP:
+        refuse_pooling(pooling, ref.name)
+        backbone, pp, clip_model = openclip.load_open_clip_dir(files, device, with_text, _needs_quick_gelu(ref))
+        mean, std, size = tuple(pp["mean"]), tuple(pp["std"]), _square_size(pp["size"], str(files.root))
+        if clip_model is not None:
+            text_model = (clip_model, f"local-dir:{files.root}" if files.config_path else files.arch)
+        _check_quick_gelu(backbone, ref, str(files.config_path or f"OpenCLIP built-in '{files.arch}'"))
+    else:
+        backbone, mean, std, size, pooling = _load_timm(files, device, pooling)
+    source = ModelSource(ref.name, ref.kind, files.repo_id or str(files.root), files.family,
+                         revision=files.revision, weights=str(files.weights_path), zoo=zoo, pooling=pooling)
+    return backbone, (mean, std, size), source, text_model, trained
+
+
 NO_CROP = 0
 
 
 def input_geometry(ref: ModelRef, config_size: int, resize: int | None = None,
-                   crop: int | None = None) -> Preprocess:
-    """The preprocessing of a model: the zoo entry's (resize, crop), else the config's size, then overrides.
+                   crop: int | None = None, *, base: tuple[int, int] | None = None) -> Preprocess:
+    """The preprocessing of a model: ``base``, else the zoo entry's (resize, crop), else the config's size,
+    then overrides.
 
     Args:
         config_size: the input size the model's own config states (used when the zoo has none).
+        base: a fine-tuned model's own (resize, crop) (``percept_model.json``'s, or the authors' for their
+            heads and adapters), in place of the zoo entry's and the config's.
         resize: override of the short side before the crop (or of both sides without a crop).
         crop: override of the crop size; ``NO_CROP`` (0) resizes both sides to ``resize`` without a crop.
 
@@ -220,7 +248,9 @@ def input_geometry(ref: ModelRef, config_size: int, resize: int | None = None,
     """
     spec = ref.spec
     base_resize, base_crop = config_size, config_size
-    if spec is not None and spec.resize is not None:
+    if base is not None:
+        base_resize, base_crop = base
+    elif spec is not None and spec.resize is not None:
         base_resize, base_crop = spec.resize, (spec.crop if spec.crop is not None else NO_CROP)
     new_resize = base_resize if resize is None else int(resize)
     if crop is None:

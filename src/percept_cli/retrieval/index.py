@@ -75,7 +75,8 @@ PART_SCHEMA = pa.schema([("key", pa.string()), ("path", pa.string()), ("member",
                          ("status", pa.string()), ("error", pa.string()), ("row", pa.int64())])
 _PART_NAME = re.compile(r"^[0-9a-f]{%d}$" % NAME_LENGTH)
 # the manifest's model fields that decide the embeddings (name and location may differ for the same weights)
-_EMBEDDING_FIELDS = ("family", "weights_sha256", "pooling", "head", "preprocess", "compute_dtype")
+_EMBEDDING_FIELDS = ("family", "weights_sha256", "pooling", "head", "adapter", "preprocess", "compute_dtype")
+_OPTIONAL_FIELDS = ("adapter",)  # left out of the model digest when None: indexes built before them keep their parts
 _SOURCE_FIELDS = ("name", "location", "revision")  # compared too when a weights file could not be hashed
 
 Progress = Callable[[int], None]
@@ -111,12 +112,33 @@ def _head_digest(head: torch.nn.Module) -> str | None:
     return digest.hexdigest()
 
 
+def _adapter_digest(adapter: str | None) -> str | None:
+    """sha256 over the LoRA adapter folder(s) merged at load time (``ModelSource.adapter``: one folder, or
+    several joined by ", "): each folder's adapter config and weights files. None without an adapter."""
+    if not adapter:
+        return None
+    from ..models.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+
+    folders = [adapter] if os.path.isdir(adapter) else adapter.split(", ")
+    digest = hashlib.sha256(b"lora")
+    for folder in folders:
+        files = [os.path.join(folder, name) for name in (ADAPTER_CONFIG, *ADAPTER_WEIGHTS)]
+        found = [f for f in files if os.path.isfile(f)]
+        if not found:  # not readable now: the recorded location stands in for the content
+            digest.update(f"location:{folder}".encode())
+        for path in found:
+            digest.update(os.path.basename(path).encode())
+            digest.update(file_sha256(path).encode())
+    return digest.hexdigest()
+
+
 def model_identity(metric) -> dict:
     """The manifest's ``model`` entry: where the model came from and what decides its embeddings.
 
     ``weights_sha256`` is the sha256 of ``metric.source.weights`` (None when that is not a file);
-    ``head`` a sha256 of an attached head's parameters (None without one); ``preprocess`` the
-    encoder's geometry; ``compute_dtype`` ``fp32``/``bf16``/``fp16``.
+    ``head`` a sha256 of an attached head's parameters (None without one); ``adapter`` a sha256 of the LoRA
+    adapter folder(s) merged at load time (None without one; manifests written before it lack the key,
+    read as None); ``preprocess`` the encoder's geometry; ``compute_dtype`` ``fp32``/``bf16``/``fp16``.
     """
     source = metric.source
     weights = getattr(source, "weights", None)
@@ -125,6 +147,7 @@ def model_identity(metric) -> dict:
     return {"name": source.name, "location": source.location, "revision": source.revision,
             "family": source.family, "weights_sha256": sha, "pooling": getattr(source, "pooling", None),
             "head": _head_digest(metric.encoder.head),
+            "adapter": _adapter_digest(getattr(source, "adapter", None)),
             "preprocess": {"image_size": pre.image_size, **pre.as_dict()},
             "compute_dtype": metric.dtype_name}
 
@@ -138,7 +161,8 @@ def _model_fields(identity: dict) -> tuple[str, ...]:
 
 def model_digest(identity: dict, storage_dtype: str) -> str:
     """sha256 over what decides a part's stored vectors besides its items: the model and the storage dtype."""
-    fields = {name: identity.get(name) for name in _model_fields(identity)}
+    fields = {name: identity.get(name) for name in _model_fields(identity)
+              if not (name in _OPTIONAL_FIELDS and identity.get(name) is None)}
     text = json.dumps({"model": fields, "storage_dtype": storage_dtype}, sort_keys=True, ensure_ascii=True)
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -151,7 +175,7 @@ def _describe_model(identity: dict, differ: Sequence[str]) -> str:
         if name in ("weights_sha256", "name"):
             continue
         value = identity.get(name)
-        if name == "head":
+        if name in ("head", "adapter"):
             value = f"{value[:12]}" if value else "none"
         elif name == "preprocess" and isinstance(value, dict):
             value = ",".join(f"{k}={v}" for k, v in value.items())

@@ -1,0 +1,82 @@
+"""``percept train`` on the command line: one JSON document, bad input as one line with exit code 2 before
+any training step, ``push --dry-run``."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from percept_cli.cli.app import app
+
+
+def run(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def _fare(tiny64, data, out, *extra):
+    return ["train", "fare", "--data", data, "--model", tiny64, "--out", out, "--steps", "2", "--batch-size", "4",
+            "--pgd-steps", "1", "--eval-iters", "2", "--eval-every", "0", "--save-every", "0", "--workers", "0",
+            *extra]
+
+
+def test_json_is_one_document_and_push_dry_run_lists_the_model(tiny64, train_images, tmp_path):
+    out = tmp_path / "run"
+    result = run(*_fare(tiny64, train_images, out, "--json", "--quiet"))
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["steps"] == doc["total_steps"] == 2 and doc["method"] == "fare"
+    assert doc["last_eval"]["kind"] == "eval" and "adv_distortion" in doc["last_eval"]
+    pushed = run("train", "push", out, "--repo", "me/fare-tiny", "--dry-run", "--json")
+    assert pushed.exit_code == 0, pushed.output
+    files = json.loads(pushed.stdout)["files"]
+    assert "open_clip_model.safetensors" in files and "percept_model.json" in files
+    assert not any(f.startswith(("checkpoints", "tensorboard")) for f in files)
+
+
+def _names(tmp_path):
+    names = tmp_path / "names.txt"
+    names.write_text("only one\n")
+    return names
+
+
+@pytest.mark.parametrize("case", ["empty", "eps", "classnames", "exists", "no-out", "resume-other", "push-unfinished",
+                                  "timm"])
+def test_bad_input_is_one_line_and_exit_2(case, tiny64, train_images, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = tmp_path / "run"
+    if case == "empty":
+        args, needle = _fare(tiny64, empty, out), "no images found"
+    elif case == "eps":
+        args, needle = _fare(tiny64, train_images, out, "--eps", "4/0"), "eps"
+    elif case == "classnames":
+        args = ["train", "tecoa", "--data", train_images, "--classnames", _names(tmp_path), "--model", tiny64,
+                "--out", out, "--steps", "1", "--batch-size", "4"]
+        needle = "1 class names but the data has 2"
+    elif case == "exists":
+        out.mkdir()
+        (out / "something").write_text("x")
+        args, needle = _fare(tiny64, train_images, out), "not empty"
+    elif case == "no-out":
+        args, needle = ["train", "fare", "--data", train_images, "--model", tiny64], "--out"
+    elif case == "resume-other":
+        assert run(*_fare(tiny64, train_images, out)).exit_code == 0
+        args, needle = _fare(tiny64, train_images, out, "--lr", "0.5", "--resume"), "other settings (lr)"
+    elif case == "push-unfinished":
+        out.mkdir()
+        args, needle = ["train", "push", out, "--repo", "me/x", "--dry-run"], "no finished model"
+    else:
+        import tiny_models
+
+        timm_dir = tmp_path / "timm"
+        tiny_models.save_timm_dir(timm_dir)
+        args, needle = _fare(timm_dir, train_images, out), "OpenCLIP"
+    result = run(*args)
+    assert result.exit_code == 2, result.output
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert lines[0].startswith("error:") and needle in result.output, result.output
+    assert "Traceback" not in result.output
+    if case in ("empty", "eps", "classnames", "no-out"):
+        assert not (out / "log.jsonl").exists()  # refused before any training step

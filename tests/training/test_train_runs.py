@@ -1,0 +1,161 @@
+"""Whole training runs on a tiny 64 px encoder: FARE and TeCoA measurably work, resume equals an
+uninterrupted run, and the run directory is a model every command loads."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import train_settings
+from safetensors.torch import load_file
+
+from percept_cli.errors import BadInputError
+from percept_cli.metric import load_metric
+from percept_cli.training import data as tdata
+from percept_cli.training.config import resolve_config
+from percept_cli.training.evaluate import fare_eval, tecoa_eval
+from percept_cli.training.export import files_to_push
+from percept_cli.training.runner import run_training
+from percept_cli.training.setup import _held_out_pixels
+
+CPU = torch.device("cpu")
+
+
+def _held_out(images_dir, fraction, preprocess):
+    images = tdata.image_data(str(images_dir), labelled=True)
+    _, held = tdata.split_held_out(len(images.items), fraction, 0)
+    return _held_out_pixels(images.items, held, preprocess, 64), torch.tensor(images.labels)[held]
+
+
+def test_fare_lowers_the_adversarial_distortion_and_keeps_the_clean_one_small(tiny64, train_images, tmp_path):
+    out = tmp_path / "fare"
+    config = resolve_config("fare", {}, train_settings(tiny64, out, data=str(train_images), steps=12, lr=1e-3,
+                                                       val_fraction=0.25, log_every=4))
+    result = run_training(config)
+    assert result.steps == 12 and (out / "percept_model.json").is_file()
+    base = load_metric(str(tiny64), device="cpu").encoder
+    trained = load_metric(str(out), device="cpu").encoder
+    val, _ = _held_out(train_images, 0.25, base.preprocess)
+    assert len(val) == 10
+    # a fresh APGD (not the training PGD), more iterations than training used
+    before = fare_eval(copy.deepcopy(base), base, val, 4 / 255, "linf", 20, seed=1, device=CPU)
+    after = fare_eval(trained, base, val, 4 / 255, "linf", 20, seed=1, device=CPU)
+    assert before["clean_distortion"] == 0.0
+    assert after["adv_distortion"] < 0.5 * before["adv_distortion"]
+    assert after["clean_distortion"] < 0.1 * before["adv_distortion"]
+    logs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    train_logs = [r for r in logs if r["kind"] == "train"]
+    assert [r["step"] for r in train_logs] == [4, 8, 12]
+    assert train_logs[-1]["adv_distortion"] < train_logs[0]["adv_distortion"]
+    assert logs[-1]["kind"] == "eval" and {"clean_distortion", "adv_distortion"} <= set(logs[-1])
+
+
+def test_tecoa_raises_the_robust_zero_shot_accuracy(tiny64, train_images, tmp_path):
+    names = tmp_path / "classes.txt"
+    names.write_text("dark noise\nbright noise\n")
+    out = tmp_path / "tecoa"
+    config = resolve_config("tecoa", {}, train_settings(tiny64, out, data=str(train_images), classnames=str(names),
+                                                        steps=15, lr=3e-3, val_fraction=0.25))
+    run_training(config)
+    base = load_metric(str(tiny64), device="cpu", with_text=True)
+    trained = load_metric(str(out), device="cpu", with_text=True)
+    text = base.embed_text(["This is a photo of a dark noise.", "This is a photo of a bright noise."])
+    assert torch.allclose(text, trained.embed_text(["This is a photo of a dark noise.",
+                                                    "This is a photo of a bright noise."]))  # text tower untouched
+    val, labels = _held_out(train_images, 0.25, base.preprocess)
+    eps = 4 / 255
+    before = tecoa_eval(base.encoder, text, val, labels, eps, "linf", 20, 1, CPU)
+    after = tecoa_eval(trained.encoder, text, val, labels, eps, "linf", 20, 1, CPU)
+    assert after["robust_accuracy"] >= before["robust_accuracy"] + 0.3
+    assert after["robust_accuracy"] <= after["clean_accuracy"]
+
+
+def _fare_config(tiny64, train_images, out, **extra):
+    settings = {"data": str(train_images), "steps": 6, "lr": 1e-3, "micro_batch": 4, "pgd_steps": 2, "save_every": 2,
+                "log_every": 2, **extra}
+    return resolve_config("fare", {}, train_settings(tiny64, out, **settings))
+
+
+def test_resume_reaches_the_same_weights_bit_for_bit(tiny64, train_images, tmp_path):
+    whole = tmp_path / "whole"
+    run_training(_fare_config(tiny64, train_images, whole))
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_step_4(kind, payload):
+        if kind == "checkpoint" and payload["step"] == 4:
+            raise Killed
+
+    parted = tmp_path / "parted"
+    with pytest.raises(Killed):
+        run_training(_fare_config(tiny64, train_images, parted), on_event=kill_after_step_4)
+    assert not (parted / "percept_model.json").exists()
+    # a log line written after the last checkpoint by the killed run, and a torn one
+    with open(parted / "log.jsonl", "a") as log:
+        log.write(json.dumps({"kind": "train", "step": 5, "loss": 9.9}) + "\n{\"kind\": \"tr")
+    result = run_training(_fare_config(tiny64, train_images, parted), resume=True)
+    assert result.resumed_from == 4 and result.steps == 6
+    a, b = load_file(str(whole / "open_clip_model.safetensors")), load_file(str(parted / "open_clip_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    logs_a = (whole / "log.jsonl").read_text().splitlines()
+    logs_b = (parted / "log.jsonl").read_text().splitlines()
+    strip = [{k: v for k, v in json.loads(line).items() if k != "images_per_s"} for line in logs_a]
+    assert strip == [{k: v for k, v in json.loads(line).items() if k != "images_per_s"} for line in logs_b]
+    assert sorted(p.name for p in (parted / "checkpoints").iterdir()) == ["latest", "step_00000004.safetensors",
+                                                                          "step_00000006.safetensors"]
+
+
+def test_resume_refuses_other_settings_and_missing_runs(tiny64, train_images, tmp_path):
+    out = tmp_path / "run"
+    run_training(_fare_config(tiny64, train_images, out, steps=2))
+    with pytest.raises(BadInputError, match=r"other settings \(lr\)"):
+        run_training(_fare_config(tiny64, train_images, out, steps=2, lr=2e-3), resume=True)
+    with pytest.raises(BadInputError, match="not empty"):
+        run_training(_fare_config(tiny64, train_images, out, steps=2))
+    with pytest.raises(BadInputError, match="holds no training run"):
+        run_training(_fare_config(tiny64, train_images, tmp_path / "nothing"), resume=True)
+
+
+def test_the_run_directory_is_a_model_locally_and_through_a_hub_cache(tiny64, train_images, tmp_path,
+                                                                      monkeypatch):
+    import tiny_models
+
+    out = tmp_path / "run"
+    run_training(_fare_config(tiny64, train_images, out, steps=2))
+    trained = load_metric(str(out), device="cpu")
+    # independent check: open_clip's own CLIP class built from the saved config takes the saved weights
+    state = load_file(str(out / "open_clip_model.safetensors"))
+    config = json.loads((out / "open_clip_config.json").read_text())
+    reference = tiny_models.build_open_clip(config["model_cfg"])
+    reference.load_state_dict(state)
+    x = torch.rand(3, 3, 64, 64)
+    mean = torch.tensor(tiny_models.CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(tiny_models.CLIP_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        expected = reference.encode_image((x - mean) / std)
+    assert torch.allclose(trained.encoder(x), expected, atol=1e-5)
+    assert not torch.allclose(load_metric(str(tiny64), device="cpu").encoder(x), expected, atol=1e-3)
+
+    pushed = tmp_path / "pushed"  # what `percept train push` would upload
+    pushed.mkdir()
+    for path in files_to_push(out):
+        shutil.copy(path, pushed / path.name)
+    assert sorted(p.name for p in pushed.iterdir()) == sorted(
+        ["README.md", "log.jsonl", "open_clip_config.json", "open_clip_model.safetensors", "percept_model.json",
+         "train_config.json"])
+    cache = tmp_path / "hub"
+    tiny_models.add_to_hub_cache(cache, "someone/fare-tiny", pushed)
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    from_hub = load_metric("hf-hub:someone/fare-tiny", device="cpu")
+    assert torch.allclose(from_hub.encoder(x), expected, atol=1e-5)
+    shutil.rmtree(out / "checkpoints")  # the model needs no training state
+    assert torch.allclose(load_metric(str(out), device="cpu").encoder(x), expected, atol=1e-5)
