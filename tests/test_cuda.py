@@ -550,7 +550,7 @@ def train(*args):
     return json.loads(result.stdout)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])  # training refuses fp16 (no loss scaling)
 def test_train_fare_resume_and_reload_on_device(tiny64, train_images, dtype, tmp_path):
     """FARE on the device (autocast ``dtype``), stopped at a checkpoint and resumed; the model reloads there."""
     from percept_cli.training.config import resolve_config

@@ -35,6 +35,19 @@ def test_json_is_one_document_and_push_dry_run_lists_the_model(tiny64, train_ima
     assert not any(f.startswith(("checkpoints", "tensorboard")) for f in files)
 
 
+def test_set_reaches_the_saved_configuration(tiny64, train_images, tmp_path):
+    out = tmp_path / "run"
+    result = run(*_fare(tiny64, train_images, out, "--set", "val_fraction=0.25", "--set", "keep-checkpoints=1",
+                        "--set", "betas=0.8,0.9", "--quiet"))
+    assert result.exit_code == 0, result.output
+    saved = json.loads((out / "train_config.json").read_text())["config"]
+    assert (saved["val_fraction"], saved["keep_checkpoints"], saved["betas"]) == (0.25, 1, [0.8, 0.9])
+    for bad, needle in ((["--set", "val_fraction"], "KEY=VALUE"), (["--set", "steps=3"], "repeats a setting"),
+                        (["--set", "colour=red"], "unknown setting 'colour'")):
+        refused = run(*_fare(tiny64, train_images, tmp_path / "other", *bad))
+        assert refused.exit_code == 2 and needle in refused.output, refused.output
+
+
 def _names(tmp_path):
     names = tmp_path / "names.txt"
     names.write_text("only one\n")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -40,6 +41,7 @@ def test_toml_then_command_line(tmp_path):
     ({"out": "o"}, "--data"),
     ({"data": "d"}, "--out"),
     ({"data": "d", "out": "o", "steps": 2.5}, "steps"),
+    ({"data": "d", "out": "o", "dtype": "fp16"}, "loss scaling"),
 ])
 def test_bad_settings_are_refused(cli, needle):
     with pytest.raises(BadInputError, match=needle):
@@ -67,7 +69,7 @@ def test_schedule_warmup_then_half_cosine():
     assert values[:4] == [0.25, 0.5, 0.75, 1.0]
     for s in range(warm, total):
         assert values[s] == pytest.approx(0.5 * (1 + math.cos(math.pi * (s - warm) / (total - warm))))
-    assert all(a >= b for a, b in zip(values[3:], values[4:]))  # non-increasing after warm-up
+    assert all(a >= b for a, b in itertools.pairwise(values[3:]))  # non-increasing after warm-up
     assert lr_factor(7, total, 0, "constant") == 1.0
 
 

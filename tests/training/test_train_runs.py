@@ -19,7 +19,7 @@ from percept_cli.training.config import resolve_config
 from percept_cli.training.evaluate import fare_eval, tecoa_eval
 from percept_cli.training.export import files_to_push
 from percept_cli.training.runner import run_training
-from percept_cli.training.setup import _held_out_pixels
+from percept_cli.training.setup import held_out_pixels
 
 CPU = torch.device("cpu")
 
@@ -27,7 +27,8 @@ CPU = torch.device("cpu")
 def _held_out(images_dir, fraction, preprocess):
     images = tdata.image_data(str(images_dir), labelled=True)
     _, held = tdata.split_held_out(len(images.items), fraction, 0)
-    return _held_out_pixels(images.items, held, preprocess, 64), torch.tensor(images.labels)[held]
+    pixels, positions = held_out_pixels(images.items, held, preprocess, 64)
+    return pixels, torch.tensor(images.labels)[positions]
 
 
 def test_fare_lowers_the_adversarial_distortion_and_keeps_the_clean_one_small(tiny64, train_images, tmp_path):
@@ -159,3 +160,60 @@ def test_the_run_directory_is_a_model_locally_and_through_a_hub_cache(tiny64, tr
     assert torch.allclose(from_hub.encoder(x), expected, atol=1e-5)
     shutil.rmtree(out / "checkpoints")  # the model needs no training state
     assert torch.allclose(load_metric(str(out), device="cpu").encoder(x), expected, atol=1e-5)
+
+
+def test_a_full_disk_leaves_the_last_checkpoint_intact(tiny64, train_images, tmp_path, monkeypatch):
+    import errno
+
+    import safetensors.torch
+
+    from percept_cli.training.checkpoint import (
+        CheckpointWriteError,
+        latest_checkpoint,
+        read_checkpoint,
+    )
+
+    real_save = safetensors.torch.save_file
+    calls = []
+
+    def fills_up(tensors, filename, metadata=None):
+        calls.append(filename)
+        if len(calls) == 2:  # the second checkpoint: half a file, then the disk is full
+            with open(filename, "wb") as handle:
+                handle.write(b"\0" * 100)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", fills_up)
+    out = tmp_path / "run"
+    with pytest.raises(CheckpointWriteError, match="No space left on device.*step_00000002.safetensors\\) is intact"):
+        run_training(_fare_config(tiny64, train_images, out, steps=4, save_every=2))
+    folder = out / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == ["latest", "step_00000002.safetensors"]  # no .tmp left
+    assert read_checkpoint(latest_checkpoint(folder))[1]["step"] == 2  # and it is whole
+
+
+def test_too_little_free_space_is_refused_before_training(tiny64):
+    from percept_cli.training.runner import check_free_space
+
+    module = torch.nn.Linear(1000, 1000)  # 4 MB of trainable float32
+    check_free_space(tiny64, module, None, keep=2, free=10**9)
+    with pytest.raises(BadInputError, match="GiB free"):
+        check_free_space(tiny64, module, None, keep=2, free=10**6)
+
+
+def test_a_base_model_with_a_head_is_refused_for_fare(tiny64, train_images, tmp_path):
+    from safetensors.torch import save_file
+
+    from percept_cli.models.encoder import MLPHead
+
+    headed = tmp_path / "headed"
+    shutil.copytree(tiny64, headed)
+    save_file(MLPHead(16, 8).state_dict(), str(headed / "head.safetensors"))
+    (headed / "percept_model.json").write_text(json.dumps({
+        "schema": "percept.model/1", "method": "2afc-mlp", "preprocess": {"resize": 64, "crop": 0},
+        "head": {"type": "mlp", "file": "head.safetensors", "dim": 16, "hidden": 8}, "lora": None}))
+    assert load_metric(str(headed), device="cpu").source.head  # it loads, with its head
+    config = resolve_config("fare", {}, train_settings(headed, tmp_path / "run", data=str(train_images), steps=1))
+    with pytest.raises(BadInputError, match="carries an MLP head"):
+        run_training(config)

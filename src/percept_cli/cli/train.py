@@ -107,13 +107,31 @@ PUSH_HELP = """Upload a finished run's model files to the Hugging Face Hub (no c
 """
 
 
-NOT_SETTINGS = ("config", "resume", "json", "quiet")
+NOT_SETTINGS = ("config", "resume", "json", "quiet", "set_")
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Any other setting as KEY=VALUE (repeatable; the "
+                                                  "keys of --config), e.g. --set val_fraction=0.05 --set "
+                                                  "keep_checkpoints=3.", show_default=False)]
 
 
 def _settings(options: dict) -> dict:
-    """The run settings a command's options give: those given (not None), paths as text."""
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in options.items()
-            if v is not None and k not in NOT_SETTINGS}
+    """The run settings a command's options give: those given (not None), paths as text, then ``--set`` pairs.
+
+    Raises:
+        BadInputError: a ``--set`` without ``=``, or one naming a setting an option also gives.
+    """
+    from ..errors import BadInputError
+
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in options.items()
+                if v is not None and k not in NOT_SETTINGS}
+    for pair in options.get("set_") or []:
+        key, sep, value = pair.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise BadInputError(f"--set {pair}: write KEY=VALUE, e.g. --set val_fraction=0.05.")
+        if key in settings:
+            raise BadInputError(f"--set {key} repeats a setting given already (an option or an earlier --set).")
+        settings[key] = value.strip()
+    return settings
 
 
 def _run(method: str, config_file: Path | None, settings: dict, resume: bool, json: bool, quiet: bool) -> None:
@@ -214,7 +232,8 @@ def fare(data: Annotated[str | None, typer.Option("--data", help="Images: a fold
          eval_every: EvalEveryOpt = None, eval_size: EvalSizeOpt = None, eval_iters: EvalItersOpt = None,
          save_every: SaveEveryOpt = None, log_every: LogEveryOpt = None, seed: SeedOpt = None,
          dtype: TDtypeOpt = None, device: Annotated[str | None, DeviceOpt.__metadata__[0]] = None,
-         workers: WorkersOpt = None, json: JsonOpt = False, quiet: QuietOpt = False) -> None:
+         workers: WorkersOpt = None, set_: SetOpt = None, json: JsonOpt = False,
+         quiet: QuietOpt = False) -> None:
     _run("fare", config, _settings(locals()), resume, json, quiet)
 
 
@@ -233,7 +252,7 @@ def tecoa(data: Annotated[str | None, typer.Option("--data", help="A labelled im
           eval_iters: EvalItersOpt = None, save_every: SaveEveryOpt = None, log_every: LogEveryOpt = None,
           seed: SeedOpt = None, dtype: TDtypeOpt = None,
           device: Annotated[str | None, DeviceOpt.__metadata__[0]] = None, workers: WorkersOpt = None,
-          json: JsonOpt = False, quiet: QuietOpt = False) -> None:
+          set_: SetOpt = None, json: JsonOpt = False, quiet: QuietOpt = False) -> None:
     _run("tecoa", config, _settings(locals()), resume, json, quiet)
 
 
@@ -262,7 +281,8 @@ def twoafc(root: Annotated[Path | None, typer.Option("--root", help="The NIGHTS 
            eps: EpsOpt = None, eval_every: EvalEveryOpt = None, eval_iters: EvalItersOpt = None,
            save_every: SaveEveryOpt = None, log_every: LogEveryOpt = None, seed: SeedOpt = None,
            dtype: TDtypeOpt = None, device: Annotated[str | None, DeviceOpt.__metadata__[0]] = None,
-           workers: WorkersOpt = None, json: JsonOpt = False, quiet: QuietOpt = False) -> None:
+           workers: WorkersOpt = None, set_: SetOpt = None, json: JsonOpt = False,
+         quiet: QuietOpt = False) -> None:
     _run("2afc", config, _settings(locals()), resume, json, quiet)
 
 

@@ -20,6 +20,11 @@ from torch import nn
 
 from ..errors import BadInputError
 
+
+class CheckpointWriteError(BadInputError):
+    """A checkpoint could not be written (a full disk, a read-only folder); nothing half-written is left."""
+
+
 NAME = re.compile(r"^step_(\d{8})\.safetensors$")
 LATEST = "latest"
 
@@ -56,12 +61,20 @@ def save_checkpoint(directory: Path, step: int, module: nn.Module, optimizer, sc
                 "scheduler": json.dumps(scheduler.state_dict()), "meta": json.dumps(meta)}
     path = directory / f"step_{step:08d}.safetensors"
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    _fsync(tmp)
-    os.replace(tmp, path)
     latest_tmp = directory / (LATEST + ".tmp")
-    latest_tmp.write_text(path.name + "\n", encoding="utf-8")
-    os.replace(latest_tmp, directory / LATEST)
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        _fsync(tmp)
+        os.replace(tmp, path)
+        latest_tmp.write_text(path.name + "\n", encoding="utf-8")
+        os.replace(latest_tmp, directory / LATEST)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        latest_tmp.unlink(missing_ok=True)
+        previous = latest_checkpoint(directory)
+        kept = f"the last complete checkpoint ({previous.name}) is intact" if previous else "no checkpoint exists yet"
+        raise CheckpointWriteError(f"cannot write checkpoint {path}: {exc.strerror or exc}; {kept}.",
+                                   "Free space (or fix the folder) and rerun with --resume.") from exc
     for old in sorted(p for p in directory.iterdir() if NAME.match(p.name))[:-max(1, keep)]:
         old.unlink(missing_ok=True)
     return path

@@ -150,9 +150,14 @@ def _coerce(name: str, value: Any, where: str) -> Any:
 
         return parse_eps(value) if isinstance(value, str) else float(value)
     if name == "betas":
+        if isinstance(value, str):
+            value = [v for v in value.replace("(", "").replace(")", "").split(",") if v.strip()]
         if not isinstance(value, (list, tuple)) or len(value) != 2:
             raise BadInputError(f"{where}: betas must be two numbers, e.g. [0.9, 0.999].")
-        return (float(value[0]), float(value[1]))
+        try:
+            return (float(value[0]), float(value[1]))
+        except ValueError as exc:
+            raise BadInputError(f"{where}: betas must be two numbers, e.g. [0.9, 0.999].") from exc
     if name == "lora_targets":
         return [str(v) for v in (value.split(",") if isinstance(value, str) else value)]
     default = _FIELD_TYPES[name].default
@@ -213,6 +218,8 @@ def validate(config: TrainConfig) -> None:
     need(config.batch_size > 0, "batch size must be positive.")
     need(config.micro_batch is None or config.micro_batch > 0, "micro batch must be positive.")
     need(config.lr > 0, "learning rate must be positive.")
+    need(config.dtype in ("auto", "fp32", "bf16"), f"training dtype '{config.dtype}': use auto, fp32 or bf16 (fp16 "
+         "training would need loss scaling; bf16 does not).")
     need(config.eps >= 0 and config.pgd_steps >= 0 and config.pgd_step_size >= 0,
          "eps, PGD steps and step size must not be negative.")
     need(0 < config.val_fraction < 1, "val fraction must lie strictly between 0 and 1.")

@@ -91,7 +91,7 @@ def export_model(run_dir: Path, config: TrainConfig, ref, source, backbone: nn.M
                           "crop": crop},
            "head": head_info, "lora": ({**lora, "dir": "lora_adapter", "merged": True} if lora else None),
            "training": {"eps": config.eps if config.method != "2afc" else None, "norm": config.norm,
-                        "steps": None, "seed": config.seed},
+                        "steps": config.steps, "epochs": config.epochs, "seed": config.seed},
            "percept_version": __version__}
     _atomic_json(run_dir / "percept_model.json", doc)
     written.append("percept_model.json")

@@ -179,9 +179,9 @@ def train_loop(method: Method, config: TrainConfig, plan: Plan, dist: Dist, devi
             if config.eval_every and state.step % config.eval_every == 0 and state.step < plan.total_steps:
                 _evaluate(hooks, state.step, dist, log)
             if config.save_every and state.step % config.save_every == 0 and state.step < plan.total_steps:
-                _checkpoint(run_dir, state.step, method, optimizer, scheduler, meta, config, dist, hooks)
+                _checkpoint(run_dir, state.step, method, optimizer, scheduler, meta, config, dist, hooks, plan)
         if state.step > start_step or start_step == plan.total_steps:
-            _checkpoint(run_dir, state.step, method, optimizer, scheduler, meta, config, dist, hooks)
+            _checkpoint(run_dir, state.step, method, optimizer, scheduler, meta, config, dist, hooks, plan)
         _evaluate(hooks, state.step, dist, log)
     finally:
         log.close()
@@ -212,10 +212,13 @@ def _evaluate(hooks: Hooks, step: int, dist: Dist, log: JsonlLog) -> None:
     barrier(dist)
 
 
-def _checkpoint(run_dir, step, method, optimizer, scheduler, meta, config, dist, hooks) -> None:
+def _checkpoint(run_dir, step, method, optimizer, scheduler, meta, config, dist, hooks, plan: Plan) -> None:
     if dist.is_main:
+        # the data order is a function of (seed, epoch); where the run stands in it, for the record
+        order = {"seed": config.seed, "epoch": step // plan.steps_per_epoch,
+                 "batch_in_epoch": step % plan.steps_per_epoch, "world": plan.world, "accum": plan.accum}
         path = save_checkpoint(run_dir / "checkpoints", step, method.module, optimizer, scheduler,
-                               meta, keep=config.keep_checkpoints)
+                               {**meta, "data_order": order}, keep=config.keep_checkpoints)
         hooks.on_event("checkpoint", {"step": step, "path": str(path)})
     barrier(dist)
 

@@ -114,6 +114,8 @@ def run_training(config: TrainConfig, *, resume: bool = False,
         if dist.is_main:
             trim_log(run_dir / "log.jsonl", start)
         on_event("resume", {"step": start, "path": str(checkpoint)})
+    if dist.is_main:
+        check_free_space(run_dir, job.method.module, job.base.get("weights"), config.keep_checkpoints)
     hooks = Hooks(batches=job.batches, evaluate=job.evaluate, on_event=on_event)
     state = train_loop(job.method, config, job.plan, dist, device, amp, run_dir, optimizer, scheduler, start,
                        hooks, {"base_sha256": job.base.get("weights_sha256"), "kind": config.kind})
@@ -124,6 +126,23 @@ def run_training(config: TrainConfig, *, resume: bool = False,
     barrier(dist)
     result.last_eval = _last_eval(run_dir)
     return result
+
+
+def check_free_space(run_dir: Path, module: torch.nn.Module, base_weights: str | None, keep: int,
+                     free: int | None = None) -> None:
+    """BadInputError before the first step when ``run_dir``'s disk cannot hold the checkpoints (``keep`` + 1
+    while a new one is written: trainable tensors and two Adam moments) and the final model (about the
+    base weights' size)."""
+    import shutil
+
+    from .checkpoint import trainable_state
+
+    trainable = sum(t.numel() * 4 for t in trainable_state(module).values())
+    needed = 3 * trainable * (max(1, keep) + 1) + (Path(base_weights).stat().st_size if base_weights else 0)
+    free = shutil.disk_usage(run_dir).free if free is None else free
+    if free < needed:
+        raise BadInputError(f"{run_dir} has {free / 2**30:.2f} GiB free; this run's checkpoints and model need "
+                            f"about {needed / 2**30:.2f} GiB.", "Free space or choose another --out.")
 
 
 def trim_log(path: Path, step: int) -> None:

@@ -49,6 +49,9 @@ def _load_base(config: TrainConfig, device: torch.device, with_text: bool):
         encoder.preprocess = Preprocess(encoder.image_size, crop=False)
     if source.family != "open_clip":
         raise BadInputError(f"percept train fine-tunes OpenCLIP models; '{config.model}' is a {source.family} model.")
+    if source.head and not (config.method == "2afc" and config.head == "mlp"):
+        raise BadInputError(f"'{config.model}' carries an MLP head ({source.head}); fine-tune the model without it "
+                            "(its base or a run without a head), or train a new head with 2afc --head mlp.")
     if with_text and text is None:
         raise BadInputError(f"'{config.model}' has no CLIP text tower; TeCoA needs one for its class prompts.")
     base = {"name": source.name, "location": source.location, "revision": source.revision,
@@ -100,15 +103,17 @@ def build_job(config: TrainConfig, dist, device: torch.device, amp, on_event) ->
     return _twoafc_job(config, dist, device, amp, on_event)
 
 
-def _held_out_pixels(items, positions, preprocess, limit: int) -> torch.Tensor:
+def held_out_pixels(items, positions, preprocess, limit: int) -> tuple[torch.Tensor, list[int]]:
+    """(uint8 pixels, their item positions) of up to ``limit`` held-out items (unreadable ones left out)."""
     chosen = positions[:limit]
-    out = []
-    for _, batch, _ in tdata.decode_items(items, preprocess, [chosen[i:i + 64] for i in range(0, len(chosen), 64)],
-                                          0):
+    out, kept = [], []
+    for got, batch, _ in tdata.decode_items(items, preprocess, [chosen[i:i + 64] for i in range(0, len(chosen), 64)],
+                                            0):
         if batch is not None:
             out.append(batch)
-    return torch.cat(out) if out else torch.zeros((0, 3, preprocess.image_size, preprocess.image_size),
-                                                  dtype=torch.uint8)
+            kept += got
+    empty = torch.zeros((0, 3, preprocess.image_size, preprocess.image_size), dtype=torch.uint8)
+    return (torch.cat(out) if out else empty), kept
 
 
 def _image_split(config: TrainConfig, labelled: bool):
@@ -128,7 +133,7 @@ def _fare_job(config, dist, device, amp) -> Job:
     tdata.check_readable(train_items, encoder.preprocess)
     encoder.backbone.requires_grad_(True)
     method = FARE(encoder, config)
-    val = _held_out_pixels(images.items, held, encoder.preprocess, config.eval_size)
+    val, _ = held_out_pixels(images.items, held, encoder.preprocess, config.eval_size)
 
     def to_data(micro, positions, batch):
         return _to_pixels(batch, device), set(positions)
@@ -160,8 +165,8 @@ def _tecoa_job(config, dist, device, amp) -> Job:
     method = TeCoA(encoder, config, text)
     labels = torch.tensor(images.labels)
     train_labels = labels[torch.tensor(train)]
-    val = _held_out_pixels(images.items, held, encoder.preprocess, config.eval_size)
-    val_labels = labels[torch.tensor(held[:len(val)])]
+    val, val_positions = held_out_pixels(images.items, held, encoder.preprocess, config.eval_size)
+    val_labels = labels[torch.tensor(val_positions, dtype=torch.long)]
 
     def to_data(micro, positions, batch):
         y = train_labels[torch.tensor(positions)].to(device)
