@@ -93,3 +93,28 @@ def test_bad_input_is_one_line_and_exit_2(case, tiny64, train_images, tmp_path):
     assert "Traceback" not in result.output
     if case in ("empty", "eps", "classnames", "no-out"):
         assert not (out / "log.jsonl").exists()  # refused before any training step
+
+
+def test_ctrl_c_keeps_the_checkpoint_and_says_how_to_resume(tiny64, train_images, tmp_path, monkeypatch):
+    from percept_cli.training import loop
+
+    real_save = loop.save_checkpoint
+
+    def save_then_interrupt(directory, step, *args, **kwargs):
+        path = real_save(directory, step, *args, **kwargs)
+        if step == 2:
+            raise KeyboardInterrupt
+        return path
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_interrupt)
+    out = tmp_path / "run"
+    args = _fare(tiny64, train_images, out)
+    args[args.index("--steps") + 1] = "3"
+    args[args.index("--save-every") + 1] = "2"
+    interrupted = run(*args)
+    assert interrupted.exit_code == 130
+    assert "Checkpoints are kept; rerun the same command with --resume" in interrupted.output
+    resumed = run(*args, "--resume", "--json")
+    assert resumed.exit_code == 0, resumed.output
+    doc = json.loads(resumed.stdout)
+    assert doc["resumed_from"] == 2 and doc["steps"] == 3

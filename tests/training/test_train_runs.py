@@ -127,6 +127,8 @@ def test_the_run_directory_is_a_model_locally_and_through_a_hub_cache(tiny64, tr
 
     out = tmp_path / "run"
     run_training(_fare_config(tiny64, train_images, out, steps=2))
+    events = list((out / "tensorboard").glob("events.out.tfevents.*"))  # tensorboard is in the test extra
+    assert len(events) == 1 and events[0].stat().st_size > 0
     trained = load_metric(str(out), device="cpu")
     # independent check: open_clip's own CLIP class built from the saved config takes the saved weights
     state = load_file(str(out / "open_clip_model.safetensors"))
@@ -217,3 +219,28 @@ def test_a_base_model_with_a_head_is_refused_for_fare(tiny64, train_images, tmp_
     config = resolve_config("fare", {}, train_settings(headed, tmp_path / "run", data=str(train_images), steps=1))
     with pytest.raises(BadInputError, match="carries an MLP head"):
         run_training(config)
+
+
+def test_tecoa_reads_labelled_webdataset_shards(tiny64, train_images, tmp_path):
+    """Class labels from the shards' ``cls`` members, class names in sorted label order."""
+    import io
+    import tarfile
+
+    shard = tmp_path / "train-000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for k, folder in enumerate(sorted(p for p in train_images.iterdir() if p.is_dir())):
+            for image in sorted(folder.glob("*.png"))[:8]:
+                for name, data in ((f"{folder.name}{image.stem}.png", image.read_bytes()),
+                                   (f"{folder.name}{image.stem}.cls", folder.name.encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    images = tdata.image_data(str(shard), labelled=True)
+    assert images.classes == ["cat", "dog"] and sorted(images.labels) == [0] * 8 + [1] * 8
+    assert all(it.member is not None for it in images.items)
+    names = tmp_path / "names.txt"
+    names.write_text("cat,a cat\ndog,a dog\n")
+    out = tmp_path / "run"
+    config = resolve_config("tecoa", {}, train_settings(tiny64, out, data=str(shard), classnames=str(names), steps=1,
+                                                        pgd_steps=1, eval_iters=2))
+    assert run_training(config).steps == 1 and (out / "percept_model.json").is_file()

@@ -239,7 +239,7 @@ def fare(data: Annotated[str | None, typer.Option("--data", help="Images: a fold
 
 @app.command("tecoa", help=TECOA_HELP, cls=PerceptCommand)
 @handle_errors
-def tecoa(data: Annotated[str | None, typer.Option("--data", help="A labelled image folder: DATA/CLASS/*.",
+def tecoa(data: Annotated[str | None, typer.Option("--data", help="Labelled images: a folder DATA/CLASS/*, or WebDataset shards with cls members.",
                                                       show_default=False)] = None,
           classnames: Annotated[Path | None, typer.Option("--classnames", help="Class names, one per line in "
                                                              "sorted folder order (or 'folder,name' lines).",

@@ -91,6 +91,11 @@ def run_training(config: TrainConfig, *, resume: bool = False,
     from ..devices import resolve_device
     from ..distributed import barrier, device_for, init
 
+    if config.method == "2afc" and config.head == "lora":
+        import importlib.util
+
+        if importlib.util.find_spec("peft") is None:  # before any data or model work
+            raise BadInputError("LoRA training needs the peft package: pip install 'percept[train]'.")
     run_dir, checkpoint = prepare_run_dir(config, resume)
     dist = init(config.device)
     device = resolve_device(device_for(dist, config.device))
