@@ -28,6 +28,8 @@ def test_json_is_one_document_and_push_dry_run_lists_the_model(tiny64, train_ima
     doc = json.loads(result.stdout)
     assert doc["steps"] == doc["total_steps"] == 2 and doc["method"] == "fare"
     assert doc["last_eval"]["kind"] == "eval" and "adv_distortion" in doc["last_eval"]
+    info = run("models", "info", out, "--json")
+    assert info.exit_code == 0 and json.loads(info.stdout)["fine_tuned"] == f"fare, from {tiny64}"
     pushed = run("train", "push", out, "--repo", "me/fare-tiny", "--dry-run", "--json")
     assert pushed.exit_code == 0, pushed.output
     files = json.loads(pushed.stdout)["files"]

@@ -72,7 +72,8 @@ def info_command(name: NameArg, checkpoint: CheckpointOpt = None, json: JsonOpt 
         table.add_column(style="bold")
         table.add_column()
         for key in ("name", "zoo", "label", "backbone", "method", "source", "family", "requested_revision",
-                    "present", "revision", "path", "config", "weights", "cache_dir", "preprocess", "pooling"):
+                    "present", "revision", "path", "config", "weights", "cache_dir", "preprocess", "pooling",
+                    "fine_tuned"):
             if info.get(key) is not None:
                 table.add_row(key, _preprocess_text(info[key]) if key == "preprocess" else str(info[key]))
         console.print(table)

@@ -16,6 +16,7 @@ Models are built with their parameters on the meta device (no random initialisat
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -285,7 +286,7 @@ def describe_model(name: str, checkpoint: str | Path | None = None) -> dict:
     if ref.kind == "local-dir":
         files = hub.local_model_files(ref.identifier)
         return {**info, "family": files.family, "present": True, "path": str(files.root), "revision": None,
-                "weights": str(files.weights_path)}
+                "weights": str(files.weights_path), **_fine_tuning(files)}
     info.update(source=f"hf-hub:{ref.identifier}", requested_revision=ref.revision, cache_dir=hub.hub_cache_dir())
     try:
         files = resolve_files(ref, local_only=True)
@@ -296,6 +297,21 @@ def describe_model(name: str, checkpoint: str | Path | None = None) -> dict:
             "revision": files.revision, "weights": str(files.weights_path),
             "config": str(files.config_path) if files.config_path else f"OpenCLIP built-in '{files.arch}'",
             "size_bytes": sum(p.stat().st_size for p in (files.config_path, files.weights_path) if p)}
+
+
+def _fine_tuning(files: hub.ModelFiles) -> dict:
+    """``percept models info`` fields of a trained model (``percept_model.json``): method, base, head, LoRA."""
+    record = getattr(files, "percept_config", None)
+    if record is None:
+        return {}
+    try:
+        doc = json.loads(Path(record).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {"fine_tuned": f"unreadable {record}"}
+    base = doc.get("base") or {}
+    parts = [str(doc.get("method")), f"from {base.get('name')}" if base.get("name") else None,
+             "with an MLP head" if doc.get("head") else None, "LoRA merged" if doc.get("lora") else None]
+    return {"fine_tuned": ", ".join(p for p in parts if p), "method": doc.get("method")}
 
 
 def download_model(name: str) -> hub.ModelFiles:
