@@ -87,7 +87,11 @@ def test_bad_input_is_one_line_and_exit_2(case, tiny64, train_images, tmp_path):
 
         timm_dir = tmp_path / "timm"
         tiny_models.save_timm_dir(timm_dir)
-        args, needle = _fare(timm_dir, train_images, out), "OpenCLIP"
+        names = tmp_path / "two.txt"
+        names.write_text("a cat\na dog\n")
+        args = ["train", "tecoa", "--data", train_images, "--classnames", names, "--model", timm_dir, "--out", out,
+                "--steps", "1", "--batch-size", "4"]
+        needle = "needs a CLIP text tower"
     result = run(*args)
     assert result.exit_code == 2, result.output
     lines = [ln for ln in result.output.splitlines() if ln.strip()]

@@ -244,3 +244,28 @@ def test_tecoa_reads_labelled_webdataset_shards(tiny64, train_images, tmp_path):
     config = resolve_config("tecoa", {}, train_settings(tiny64, out, data=str(shard), classnames=str(names), steps=1,
                                                         pgd_steps=1, eval_iters=2))
     assert run_training(config).steps == 1 and (out / "percept_model.json").is_file()
+
+
+def test_fare_on_a_timm_vit_keeps_its_layout_and_pooling(train_images, tmp_path):
+    """A timm ViT (the DINO kind) trains too: the run directory is a timm model (config.json +
+    model.safetensors) that loads with the pooling it was trained with."""
+    import tiny_models
+
+    base_dir = tmp_path / "vit"
+    tiny_models.save_timm_dir(base_dir)
+    out = tmp_path / "run"
+    config = resolve_config("fare", {}, train_settings(base_dir, out, data=str(train_images), steps=2, pgd_steps=1,
+                                                       eval_iters=2, lr=1e-3, pooling="cls_prenorm"))
+    run_training(config)
+    assert (out / "config.json").is_file() and not (out / "open_clip_config.json").exists()
+    trained = load_metric(str(out), device="cpu")
+    assert trained.source.family == "timm" and trained.source.pooling == "cls_prenorm"
+    x = torch.rand(2, 3, 224, 224)
+    with torch.no_grad():
+        as_trained = trained.encoder(x)
+        assert torch.allclose(as_trained, load_metric(str(out), device="cpu", pooling="cls_prenorm").encoder(x))
+        assert not torch.allclose(as_trained, load_metric(str(out), device="cpu", pooling="token").encoder(x))
+    saved, base = load_file(str(out / "model.safetensors")), load_file(str(base_dir / "model.safetensors"))
+    assert saved.keys() == base.keys()
+    assert torch.equal(saved["norm.weight"], base["norm.weight"])  # bypassed by cls_prenorm: untouched
+    assert not torch.equal(saved["blocks.0.mlp.fc1.weight"], base["blocks.0.mlp.fc1.weight"])  # trained

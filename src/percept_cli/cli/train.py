@@ -10,7 +10,7 @@ import typer
 
 from .command import PerceptCommand, PerceptGroup
 from .errors import handle_errors
-from .options import MODEL_HELP, DeviceOpt, JsonOpt, QuietOpt, WorkersOpt
+from .options import MODEL_HELP, DeviceOpt, JsonOpt, PoolingOpt, QuietOpt, WorkersOpt
 from .output import Output
 
 app = typer.Typer(cls=PerceptGroup, no_args_is_help=True, help="Fine-tune robust encoders: FARE, TeCoA, and "
@@ -232,8 +232,8 @@ def fare(data: Annotated[str | None, typer.Option("--data", help="Images: a fold
          eval_every: EvalEveryOpt = None, eval_size: EvalSizeOpt = None, eval_iters: EvalItersOpt = None,
          save_every: SaveEveryOpt = None, log_every: LogEveryOpt = None, seed: SeedOpt = None,
          dtype: TDtypeOpt = None, device: Annotated[str | None, DeviceOpt.__metadata__[0]] = None,
-         workers: WorkersOpt = None, set_: SetOpt = None, json: JsonOpt = False,
-         quiet: QuietOpt = False) -> None:
+         workers: WorkersOpt = None, pooling: PoolingOpt = None, set_: SetOpt = None,
+         json: JsonOpt = False, quiet: QuietOpt = False) -> None:
     _run("fare", config, _settings(locals()), resume, json, quiet)
 
 
@@ -281,8 +281,8 @@ def twoafc(root: Annotated[Path | None, typer.Option("--root", help="The NIGHTS 
            eps: EpsOpt = None, eval_every: EvalEveryOpt = None, eval_iters: EvalItersOpt = None,
            save_every: SaveEveryOpt = None, log_every: LogEveryOpt = None, seed: SeedOpt = None,
            dtype: TDtypeOpt = None, device: Annotated[str | None, DeviceOpt.__metadata__[0]] = None,
-           workers: WorkersOpt = None, set_: SetOpt = None, json: JsonOpt = False,
-         quiet: QuietOpt = False) -> None:
+           workers: WorkersOpt = None, pooling: PoolingOpt = None, set_: SetOpt = None,
+           json: JsonOpt = False, quiet: QuietOpt = False) -> None:
     _run("2afc", config, _settings(locals()), resume, json, quiet)
 
 

@@ -27,6 +27,7 @@ from torch import nn
 
 from ..errors import BadInputError, ModelFormatError
 from .encoder import MLPHead
+from .pooling import POOLINGS
 from .weights import read_state_dict
 
 PERCEPT_MODEL_FILE = "percept_model.json"
@@ -63,6 +64,7 @@ class TrainedModel:
         geometry: ``(resize, crop)`` the model was trained with (crop 0: no crop), or None.
         head: the MLP head file, or None.
         lora: a LoRA adapter directory still to merge (``"merged": false``), or None.
+        pooling: how a timm ViT's tokens became the embedding in training (None: timm's own / OpenCLIP).
     """
 
     path: Path
@@ -70,6 +72,7 @@ class TrainedModel:
     geometry: tuple[int, int] | None
     head: Path | None
     lora: Path | None
+    pooling: str | None = None
 
 
 @dataclass(frozen=True)
@@ -139,7 +142,10 @@ def read_percept_model(path: str | Path) -> TrainedModel:
             if not lora_dir.is_dir():
                 raise _bad(path, f"its LoRA adapter directory {lora_dir.name} is missing ({lora_dir}).")
     method = doc.get("method") if isinstance(doc.get("method"), str) else None
-    return TrainedModel(path, method, _geometry(doc.get("preprocess"), path), head_path, lora_dir)
+    pooling = doc.get("pooling")
+    if pooling is not None and pooling not in POOLINGS:
+        raise _bad(path, f"'pooling' must be null or one of {', '.join(POOLINGS)}; got {pooling!r}.")
+    return TrainedModel(path, method, _geometry(doc.get("preprocess"), path), head_path, lora_dir, pooling)
 
 
 # -- MLP heads -----------------------------------------------------------------------------------------------

@@ -223,6 +223,8 @@ def _build(ref: ModelRef, device: torch.device, with_text: bool, pooling: str | 
             text_model = (clip_model, f"local-dir:{files.root}" if files.config_path else files.arch)
         _check_quick_gelu(backbone, ref, str(files.config_path or f"OpenCLIP built-in '{files.arch}'"))
     else:
+        if pooling is None and trained is not None:  # a trained ViT keeps the pooling it was trained with
+            pooling = trained.pooling
         backbone, mean, std, size, pooling = _load_timm(files, device, pooling)
     source = ModelSource(ref.name, ref.kind, files.repo_id or str(files.root), files.family,
                          revision=files.revision, weights=str(files.weights_path), zoo=zoo, pooling=pooling)

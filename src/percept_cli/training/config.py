@@ -49,6 +49,7 @@ class TrainConfig:
     val_fraction: float = 0.02            # fare / tecoa: held-out share of the images (seeded)
     resize: int | None = None
     crop: int | None = None            # 0: resize both sides, no crop
+    pooling: str | None = None         # timm ViTs: cls_prenorm | token (default: the zoo entry's, else timm's)
     # optimisation
     steps: int | None = None
     epochs: int | None = None

@@ -20,8 +20,8 @@ from torch import nn
 from .. import __version__
 from .config import TrainConfig
 
-MODEL_FILES = ("open_clip_config.json", "open_clip_model.safetensors", "percept_model.json", "head.safetensors",
-               "README.md", "train_config.json", "log.jsonl")
+MODEL_FILES = ("open_clip_config.json", "open_clip_model.safetensors", "config.json", "model.safetensors",
+               "percept_model.json", "head.safetensors", "README.md", "train_config.json", "log.jsonl")
 MODEL_DIRS = ("lora_adapter",)
 
 
@@ -69,16 +69,9 @@ def export_model(run_dir: Path, config: TrainConfig, ref, source, backbone: nn.M
     """Write the model files into ``run_dir`` (atomically, each); returns their names."""
     from ..models.weights import read_state_dict
 
-    written = []
-    visual = {f"visual.{k}": v for k, v in _visual_state(backbone, lora, run_dir).items()}
+    tower = _visual_state(backbone, lora, run_dir)
     full = read_state_dict(Path(base["weights"]), torch.device("cpu")) if base.get("weights") else {}
-    if any(k.startswith("visual.") for k in full):
-        full = {k: v for k, v in full.items() if not k.startswith("visual.")}
-    elif full:  # a vision tower's own checkpoint: its keys carry no prefix
-        full = {}
-    _save_tensors(run_dir / "open_clip_model.safetensors", {**full, **visual})
-    _atomic_json(run_dir / "open_clip_config.json", _base_config(ref, source))
-    written += ["open_clip_config.json", "open_clip_model.safetensors"]
+    written = _write_weights(run_dir, ref, source, tower, full)
     head_info = None
     if head is not None:
         _save_tensors(run_dir / "head.safetensors", {k: v.float() for k, v in head.state_dict().items()})
@@ -86,7 +79,8 @@ def export_model(run_dir: Path, config: TrainConfig, ref, source, backbone: nn.M
                      "hidden": int(head.fc1.out_features)}
         written.append("head.safetensors")
     crop = preprocess.image_size if preprocess.crop else 0
-    doc = {"schema": "percept.model/1", "method": config.kind, "base": base,
+    doc = {"schema": "percept.model/1", "method": config.kind, "base": base, "family": source.family,
+           "pooling": source.pooling,
            "preprocess": {"resize": preprocess.short_side if preprocess.crop else preprocess.image_size,
                           "crop": crop},
            "head": head_info, "lora": ({**lora, "dir": "lora_adapter", "merged": True} if lora else None),
@@ -102,6 +96,27 @@ def export_model(run_dir: Path, config: TrainConfig, ref, source, backbone: nn.M
     return written
 
 
+def _write_weights(run_dir: Path, ref, source, tower: dict, full: dict) -> list[str]:
+    """The weights and config in the base's own layout: OpenCLIP (the whole CLIP state dict with the trained
+    ``visual.*``) or timm (the base's state dict with the trained tensors; tensors the encoder does not use,
+    such as a classifier or a final norm bypassed by the pooling, stay as the base had them)."""
+    if source.family != "open_clip":
+        from ..models.loading import resolve_files
+
+        _save_tensors(run_dir / "model.safetensors", {**full, **tower})
+        config_path = resolve_files(ref).config_path
+        _atomic_json(run_dir / "config.json", json.loads(Path(config_path).read_text(encoding="utf-8")))
+        return ["config.json", "model.safetensors"]
+    visual = {f"visual.{k}": v for k, v in tower.items()}
+    if any(k.startswith("visual.") for k in full):
+        full = {k: v for k, v in full.items() if not k.startswith("visual.")}
+    elif full:  # a vision tower's own checkpoint: its keys carry no prefix
+        full = {}
+    _save_tensors(run_dir / "open_clip_model.safetensors", {**full, **visual})
+    _atomic_json(run_dir / "open_clip_config.json", _base_config(ref, source))
+    return ["open_clip_config.json", "open_clip_model.safetensors"]
+
+
 def model_card(config: TrainConfig, base: dict, doc: dict) -> str:
     """A Hugging Face model card for the trained model."""
     what = {"fare": "FARE adversarial fine-tuning (Schlarmann et al., ICML 2024), unsupervised",
@@ -110,8 +125,12 @@ def model_card(config: TrainConfig, base: dict, doc: dict) -> str:
             "2afc-lora": "LoRA adapters trained on NIGHTS 2AFC judgements (hinge loss), merged into the weights"}
     threat = (f"l_{'inf' if config.norm == 'linf' else '2'} eps {config.eps:.6g}, {config.pgd_steps} PGD steps"
               if config.method in ("fare", "tecoa") else "clean training")
+    if doc.get("family", "open_clip") == "open_clip":
+        library, loader = "open_clip", 'open_clip (`open_clip.create_model_and_transforms("hf-hub:ORG/NAME")`)'
+    else:
+        library, loader = "timm", f'timm (`timm.create_model("hf-hub:ORG/NAME")`; pooling {doc.get("pooling")})'
     return f"""---
-library_name: open_clip
+library_name: {library}
 tags: [percept, perceptual-metric, adversarial-robustness, clip]
 ---
 # {Path(config.out).name}
@@ -124,8 +143,7 @@ A vision encoder for robust perceptual distance made with `percept train {config
 - Head: {json.dumps(doc['head'])}; LoRA: {json.dumps(doc['lora'])}.
 
 Use it with percept (`percept distance a.png b.png --model PATH_OR_HUB_ID`) or load the weights with
-open_clip (`open_clip.create_model_and_transforms("hf-hub:ORG/NAME")`; the MLP head, if any, is in
-`head.safetensors`). The settings of the run are in `train_config.json`, its logs in `log.jsonl`.
+{loader}; the MLP head, if any, is in `head.safetensors`. The settings of the run are in `train_config.json`, its logs in `log.jsonl`.
 
 Method: Croce, Schlarmann, Singh, Hein, "Adversarially Robust CLIP Models Can Induce Better (Robust)
 Perceptual Metrics", SaTML 2025.
@@ -141,7 +159,8 @@ def files_to_push(run_dir: Path) -> list[Path]:
     from ..errors import BadInputError
 
     run_dir = Path(run_dir)
-    if not (run_dir / "percept_model.json").is_file() or not (run_dir / "open_clip_model.safetensors").is_file():
+    weights = ("open_clip_model.safetensors", "model.safetensors")
+    if not (run_dir / "percept_model.json").is_file() or not any((run_dir / w).is_file() for w in weights):
         raise BadInputError(f"{run_dir} holds no finished model (no percept_model.json); finish or resume the "
                             "training first.")
     found = [run_dir / name for name in MODEL_FILES if (run_dir / name).is_file()]

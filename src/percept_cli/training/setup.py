@@ -42,19 +42,21 @@ def _load_base(config: TrainConfig, device: torch.device, with_text: bool):
     no_crop_at_input_size = config.crop == 0 and config.resize is None
     encoder, source, text = load_encoder_and_text(ref, device, torch.float32, with_text=with_text,
                                                   resize=config.resize,
-                                                  crop=None if no_crop_at_input_size else config.crop)
+                                                  crop=None if no_crop_at_input_size else config.crop,
+                                                  pooling=config.pooling)
     if no_crop_at_input_size:  # both sides to the model's own input size (DreamSim's 224x224 for 224 px models)
         from ..io.preprocess import Preprocess
 
         encoder.preprocess = Preprocess(encoder.image_size, crop=False)
-    if source.family != "open_clip":
-        raise BadInputError(f"percept train fine-tunes OpenCLIP models; '{config.model}' is a {source.family} model.")
+    if source.family != "open_clip" and with_text:
+        raise BadInputError(f"TeCoA needs a CLIP text tower; '{config.model}' is a {source.family} vision model.")
     if source.head and not (config.method == "2afc" and config.head == "mlp"):
         raise BadInputError(f"'{config.model}' carries an MLP head ({source.head}); fine-tune the model without it "
                             "(its base or a run without a head), or train a new head with 2afc --head mlp.")
     if with_text and text is None:
         raise BadInputError(f"'{config.model}' has no CLIP text tower; TeCoA needs one for its class prompts.")
     base = {"name": source.name, "location": source.location, "revision": source.revision,
+            "family": source.family, "pooling": source.pooling,
             "weights": source.weights, "weights_sha256": file_sha256(source.weights) if source.weights else None,
             "preprocess": encoder.preprocess.as_dict()}
     return encoder, source, text, ref, base
