@@ -58,8 +58,10 @@ def test_tecoa_raises_the_robust_zero_shot_accuracy(tiny64, train_images, tmp_pa
     names = tmp_path / "classes.txt"
     names.write_text("dark noise\nbright noise\n")
     out = tmp_path / "tecoa"
+    eps = 32 / 255  # large enough that APGD breaks the untrained model (the classes differ by ~100/255 in brightness)
     config = resolve_config("tecoa", {}, train_settings(tiny64, out, data=str(train_images), classnames=str(names),
-                                                        steps=15, lr=3e-3, val_fraction=0.25))
+                                                        steps=15, lr=3e-3, val_fraction=0.25, eps=eps,
+                                                        pgd_step_size=eps / 4))
     run_training(config)
     base = load_metric(str(tiny64), device="cpu", with_text=True)
     trained = load_metric(str(out), device="cpu", with_text=True)
@@ -67,10 +69,10 @@ def test_tecoa_raises_the_robust_zero_shot_accuracy(tiny64, train_images, tmp_pa
     assert torch.allclose(text, trained.embed_text(["This is a photo of a dark noise.",
                                                     "This is a photo of a bright noise."]))  # text tower untouched
     val, labels = _held_out(train_images, 0.25, base.preprocess)
-    eps = 4 / 255
     before = tecoa_eval(base.encoder, text, val, labels, eps, "linf", 20, 1, CPU)
     after = tecoa_eval(trained.encoder, text, val, labels, eps, "linf", 20, 1, CPU)
-    assert after["robust_accuracy"] >= before["robust_accuracy"] + 0.3
+    assert before["robust_accuracy"] <= 0.2 < before["clean_accuracy"]  # the attack works on the base model
+    assert after["robust_accuracy"] >= before["robust_accuracy"] + 0.5
     assert after["robust_accuracy"] <= after["clean_accuracy"]
 
 
