@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -33,18 +33,24 @@ class Failure:
 
 
 class ImageFileDataset(Dataset):
-    """Index -> (index, uint8 tensor or None, error reason or None)."""
+    """Index -> (index, uint8 tensor or None, error reason or None).
 
-    def __init__(self, paths: Sequence[str | Path], preprocess: Preprocess):
-        self.paths = [str(p) for p in paths]
+    ``read`` turns one source into an RGB PIL image, raising :class:`ImageReadError` (default
+    :func:`read_image` on file paths; e.g. ``retrieval.sources.read_item`` on shard members). It must be
+    a module-level function: DataLoader workers receive it pickled.
+    """
+
+    def __init__(self, paths: Sequence, preprocess: Preprocess, read: Callable | None = None):
+        self.paths = list(paths) if read is not None else [str(p) for p in paths]
         self.preprocess = preprocess
+        self.read = read_image if read is None else read
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int):
         try:
-            return index, self.preprocess.uint8(read_image(self.paths[index])), None
+            return index, self.preprocess.uint8(self.read(self.paths[index])), None
         except ImageReadError as exc:
             return index, None, exc.reason
 

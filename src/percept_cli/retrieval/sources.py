@@ -35,10 +35,10 @@ from typing import Iterable, Iterator, Sequence
 
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from ..errors import BadInputError, ImageReadError
-from ..io.data import Failure, _collate, default_workers
+from ..io.data import Failure, ImageFileDataset, _collate, default_workers
 from ..io.images import IMAGE_EXTENSIONS, path_problem, read_image, read_image_bytes
 from ..io.preprocess import Preprocess
 
@@ -474,23 +474,6 @@ def read_item(item: Item) -> Image.Image:
     return read_image_bytes(read_member_bytes(item), item.key)
 
 
-class ItemDataset(Dataset):
-    """Position -> (position, uint8 (3,S,S) tensor or None, failure reason or None)."""
-
-    def __init__(self, items: Sequence[Item], preprocess: Preprocess):
-        self.items = list(items)
-        self.preprocess = preprocess
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, index: int):
-        try:
-            return index, self.preprocess.uint8(read_item(self.items[index])), None
-        except ImageReadError as exc:
-            return index, None, exc.reason
-
-
 def iter_item_batches(items: Sequence[Item], preprocess: Preprocess, batch_size: int,
                       num_workers: int | None = None, pin_memory: bool = False, *,
                       batches: Sequence[Sequence[int]] | None = None
@@ -511,7 +494,7 @@ def iter_item_batches(items: Sequence[Item], preprocess: Preprocess, batch_size:
     """
     if batch_size < 1:
         raise BadInputError(f"batch_size must be at least 1 (got {batch_size}).")
-    dataset = ItemDataset(items, preprocess)
+    dataset = ImageFileDataset(items, preprocess, read=read_item)
     if batches is None:
         workers = default_workers(len(items), batch_size) if num_workers is None else num_workers
         batching = {"batch_size": batch_size, "shuffle": False}

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import BadInputError
+from ..io.outputs import atomic_path
 
 
 class CheckpointWriteError(BadInputError):
@@ -60,17 +61,13 @@ def save_checkpoint(directory: Path, step: int, module: nn.Module, optimizer, sc
     metadata = {"step": str(step), "param_groups": json.dumps(opt["param_groups"]),
                 "scheduler": json.dumps(scheduler.state_dict()), "meta": json.dumps(meta)}
     path = directory / f"step_{step:08d}.safetensors"
-    tmp = path.with_name(path.name + ".tmp")
-    latest_tmp = directory / (LATEST + ".tmp")
     try:
-        save_file(tensors, str(tmp), metadata=metadata)
-        _fsync(tmp)
-        os.replace(tmp, path)
-        latest_tmp.write_text(path.name + "\n", encoding="utf-8")
-        os.replace(latest_tmp, directory / LATEST)
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=metadata)
+            _fsync(tmp)
+        with atomic_path(directory / LATEST) as tmp:
+            tmp.write_text(path.name + "\n", encoding="utf-8")
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        latest_tmp.unlink(missing_ok=True)
         previous = latest_checkpoint(directory)
         kept = f"the last complete checkpoint ({previous.name}) is intact" if previous else "no checkpoint exists yet"
         raise CheckpointWriteError(f"cannot write checkpoint {path}: {exc.strerror or exc}; {kept}.",

@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -51,6 +53,17 @@ class ZeroShotObjective(Objective):
         return F.cross_entropy(logits, y, reduction="none"), logits.argmax(1) != y
 
 
+@contextlib.contextmanager
+def _eval_mode(module):
+    """``module`` in eval mode for the block, back in its former mode afterwards."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
+
+
 def _batches(n: int):
     for start in range(0, n, EVAL_BATCH):
         yield slice(start, min(n, start + EVAL_BATCH))
@@ -59,10 +72,8 @@ def _batches(n: int):
 def fare_eval(student, teacher, images: torch.Tensor, eps: float, norm: str, iters: int, seed: int,
               device: torch.device, amp: torch.dtype | None = None) -> dict:
     """Mean clean and adversarial distortion of ``student`` against ``teacher`` on uint8 ``images``."""
-    was_training = student.training
-    student.eval()
     clean, adv = [], []
-    try:
+    with _eval_mode(student):
         for rows in _batches(images.shape[0]):
             x = images[rows].to(device).float() / 255
             with torch.no_grad():
@@ -72,8 +83,6 @@ def fare_eval(student, teacher, images: torch.Tensor, eps: float, norm: str, ite
                           example_ids=torch.arange(rows.start, rows.stop))
             with torch.no_grad():
                 adv.append(fare_loss(student(result.x_adv), target))
-    finally:
-        student.train(was_training)
     return {"clean_distortion": torch.cat(clean).mean().item(), "adv_distortion": torch.cat(adv).mean().item(),
             "eval_images": int(images.shape[0]), "eval_iters": iters}
 
@@ -81,10 +90,8 @@ def fare_eval(student, teacher, images: torch.Tensor, eps: float, norm: str, ite
 def tecoa_eval(student, text: torch.Tensor, images: torch.Tensor, labels: torch.Tensor, eps: float, norm: str,
                iters: int, seed: int, device: torch.device, amp: torch.dtype | None = None) -> dict:
     """Clean and APGD-robust zero-shot accuracy of ``student`` on uint8 ``images`` with class ``labels``."""
-    was_training = student.training
-    student.eval()
     clean, robust = [], []
-    try:
+    with _eval_mode(student):
         for rows in _batches(images.shape[0]):
             x = images[rows].to(device).float() / 255
             y = labels[rows].to(device)
@@ -94,8 +101,6 @@ def tecoa_eval(student, text: torch.Tensor, images: torch.Tensor, labels: torch.
                           example_ids=torch.arange(rows.start, rows.stop), early_stop=True)
             with torch.no_grad():  # the verdict in fp32 on the returned points
                 robust.append(zero_shot_logits(student(result.x_adv), text).argmax(1) == y)
-    finally:
-        student.train(was_training)
     return {"clean_accuracy": torch.cat(clean).float().mean().item(),
             "robust_accuracy": torch.cat(robust).float().mean().item(),
             "eval_images": int(images.shape[0]), "eval_iters": iters}
@@ -107,16 +112,12 @@ def twoafc_eval(metric, index, eps: float, attack: bool, iters: int, batch_size:
     from ..distributed import Dist
     from ..evaluation.twoafc import EvalPlan, evaluate_model, summarize
 
-    was_training = metric.encoder.training
-    metric.eval()
-    try:
+    with _eval_mode(metric.encoder):
         radii = [eps] if attack else []
         settings = AttackSettings(norm="linf", eps=eps, iters=iters) if attack else None
         plan = EvalPlan(radii=radii, attack=settings, batch_size=batch_size, flush_every=1e9)
         records = evaluate_model(metric, index, plan, {}, Dist())
         overall = summarize(index, records, radii)["overall"]
-    finally:
-        metric.encoder.train(was_training)
     out = {"val_accuracy": overall["clean"], "val_triplets": overall["n"]}
     if attack:
         out["val_robust_accuracy"] = overall["robust"][0]

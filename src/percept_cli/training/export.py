@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from .. import __version__
+from ..io.outputs import atomic_path
 from .config import TrainConfig
 
 MODEL_FILES = ("open_clip_config.json", "open_clip_model.safetensors", "config.json", "model.safetensors",
@@ -25,18 +25,17 @@ MODEL_FILES = ("open_clip_config.json", "open_clip_model.safetensors", "config.j
 MODEL_DIRS = ("lora_adapter",)
 
 
-def _atomic_json(path: Path, doc: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=2), encoding="utf-8")
-    os.replace(tmp, path)
+def write_json(path: Path, doc: dict) -> None:
+    """``doc`` as indented JSON at ``path``, atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(doc, indent=2), encoding="utf-8")
 
 
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
     from safetensors.torch import save_file
 
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
 
 def _base_config(ref, source) -> dict:
@@ -87,7 +86,7 @@ def export_model(run_dir: Path, config: TrainConfig, ref, source, backbone: nn.M
            "training": {"eps": config.eps if config.method != "2afc" else None, "norm": config.norm,
                         "steps": config.steps, "epochs": config.epochs, "seed": config.seed},
            "percept_version": __version__}
-    _atomic_json(run_dir / "percept_model.json", doc)
+    write_json(run_dir / "percept_model.json", doc)
     written.append("percept_model.json")
     (run_dir / "README.md").write_text(model_card(config, base, doc), encoding="utf-8")
     written.append("README.md")
@@ -105,7 +104,7 @@ def _write_weights(run_dir: Path, ref, source, tower: dict, full: dict) -> list[
 
         _save_tensors(run_dir / "model.safetensors", {**full, **tower})
         config_path = resolve_files(ref).config_path
-        _atomic_json(run_dir / "config.json", json.loads(Path(config_path).read_text(encoding="utf-8")))
+        write_json(run_dir / "config.json", json.loads(Path(config_path).read_text(encoding="utf-8")))
         return ["config.json", "model.safetensors"]
     visual = {f"visual.{k}": v for k, v in tower.items()}
     if any(k.startswith("visual.") for k in full):
@@ -113,7 +112,7 @@ def _write_weights(run_dir: Path, ref, source, tower: dict, full: dict) -> list[
     elif full:  # a vision tower's own checkpoint: its keys carry no prefix
         full = {}
     _save_tensors(run_dir / "open_clip_model.safetensors", {**full, **visual})
-    _atomic_json(run_dir / "open_clip_config.json", _base_config(ref, source))
+    write_json(run_dir / "open_clip_config.json", _base_config(ref, source))
     return ["open_clip_config.json", "open_clip_model.safetensors"]
 
 

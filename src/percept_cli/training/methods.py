@@ -47,8 +47,10 @@ def hinge_2afc(d_left: torch.Tensor, d_right: torch.Tensor, label: torch.Tensor,
 
 
 def twoafc_correct(d_left: torch.Tensor, d_right: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-    """The metric agrees with people (a tie picks the left candidate, as :mod:`percept_cli.decision`)."""
-    return (d_right < d_left).long() == label.long()
+    """The metric agrees with people: :func:`percept_cli.decision.is_correct` on the similarities 1 − d."""
+    from ..decision import is_correct
+
+    return is_correct(1 - d_left, 1 - d_right, label)
 
 
 @dataclass
@@ -85,12 +87,15 @@ class AdversarialMethod(Method):
     def __init__(self, encoder: nn.Module, config: TrainConfig):
         self.module = encoder
         self.config = config
+        self._starts: tuple[int, torch.Tensor] | None = None  # (step, its global batch's starts)
 
     def random_start(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        g = torch.Generator(device=ctx.device).manual_seed(self.config.seed * 1_000_003 + ctx.step)
-        shape = (ctx.batch_size, *x.shape[1:])
-        full = uniform_start(shape, self.config.eps, self.config.norm, g, ctx.device)
-        return full[torch.as_tensor(ctx.slots, device=ctx.device)]
+        """The starts of this micro-batch's rows: drawn once per step for the whole global batch."""
+        if self._starts is None or self._starts[0] != ctx.step:
+            g = torch.Generator(device=ctx.device).manual_seed(self.config.seed * 1_000_003 + ctx.step)
+            shape = (ctx.batch_size, *x.shape[1:])
+            self._starts = (ctx.step, uniform_start(shape, self.config.eps, self.config.norm, g, ctx.device))
+        return self._starts[1][torch.as_tensor(ctx.slots, device=ctx.device)]
 
     def attack(self, loss_fn, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         c = self.config

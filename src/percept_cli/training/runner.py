@@ -8,7 +8,6 @@ configuration) is checked before the model loads.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,8 +15,10 @@ from pathlib import Path
 import torch
 
 from ..errors import BadInputError
+from ..io.outputs import atomic_path
 from .checkpoint import latest_checkpoint, read_checkpoint, restore
 from .config import TrainConfig, config_difference
+from .export import write_json
 from .loop import Hooks, build_optimizer, build_scheduler, train_loop
 
 CONFIG_FILE = "train_config.json"
@@ -66,9 +67,7 @@ def write_config(run_dir: Path, config: TrainConfig, extra: dict) -> None:
     """``train_config.json``: the resolved settings, their fingerprint and facts about the run (atomic)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     doc = {"method": config.method, "config": config.to_dict(), "fingerprint": config.fingerprint(), **extra}
-    tmp = run_dir / (CONFIG_FILE + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=2), encoding="utf-8")
-    os.replace(tmp, run_dir / CONFIG_FILE)
+    write_json(run_dir / CONFIG_FILE, doc)
 
 
 def _amp_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
@@ -163,9 +162,8 @@ def trim_log(path: Path, step: int) -> None:
             continue
         if record.get("step", 0) <= step:
             kept.append(line)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
 
 def _last_eval(run_dir: Path) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -48,13 +49,12 @@ def _load_base(config: TrainConfig, device: torch.device, with_text: bool):
         from ..io.preprocess import Preprocess
 
         encoder.preprocess = Preprocess(encoder.image_size, crop=False)
-    if source.family != "open_clip" and with_text:
-        raise BadInputError(f"TeCoA needs a CLIP text tower; '{config.model}' is a {source.family} vision model.")
     if source.head and not (config.method == "2afc" and config.head == "mlp"):
         raise BadInputError(f"'{config.model}' carries an MLP head ({source.head}); fine-tune the model without it "
                             "(its base or a run without a head), or train a new head with 2afc --head mlp.")
     if with_text and text is None:
-        raise BadInputError(f"'{config.model}' has no CLIP text tower; TeCoA needs one for its class prompts.")
+        raise BadInputError(f"'{config.model}' has no CLIP text tower; TeCoA needs a CLIP text tower for its "
+                            "class prompts.")
     base = {"name": source.name, "location": source.location, "revision": source.revision,
             "family": source.family, "pooling": source.pooling,
             "weights": source.weights, "weights_sha256": file_sha256(source.weights) if source.weights else None,
@@ -71,13 +71,9 @@ def image_batches(plan, dist, config, items, preprocess, device, expand, to_data
     [slots per micro-batch]); one DataLoader pass per epoch. ``expand(micro)`` lists the item positions
     a micro-batch decodes; ``to_data(micro, positions, batch)`` returns (data, kept micro rows)."""
     def batches(start: int):
-        by_epoch: dict[int, list] = {}
-        for entry in tdata.step_batches(plan, dist.rank, config.seed, start):
-            by_epoch.setdefault(entry[0] // plan.steps_per_epoch, []).append(entry)
-            if len(by_epoch) > 1:  # an epoch is complete: decode and yield it
-                yield from _decode_epoch(by_epoch.pop(min(by_epoch)))
-        for epoch in sorted(by_epoch):
-            yield from _decode_epoch(by_epoch[epoch])
+        steps = tdata.step_batches(plan, dist.rank, config.seed, start)
+        for _, entries in itertools.groupby(steps, key=lambda entry: entry[0] // plan.steps_per_epoch):
+            yield from _decode_epoch(list(entries))
 
     def _decode_epoch(entries):
         flat = [expand(micro) for _, micros, _ in entries for micro in micros]
@@ -98,10 +94,8 @@ def image_batches(plan, dist, config, items, preprocess, device, expand, to_data
 
 def build_job(config: TrainConfig, dist, device: torch.device, amp, on_event) -> Job:
     """The job for ``config.method`` (see :class:`Job`)."""
-    if config.method == "fare":
-        return _fare_job(config, dist, device, amp)
-    if config.method == "tecoa":
-        return _tecoa_job(config, dist, device, amp)
+    if config.method in ("fare", "tecoa"):
+        return _adversarial_job(config, dist, device, amp)
     return _twoafc_job(config, dist, device, amp, on_event)
 
 
@@ -124,65 +118,46 @@ def _image_split(config: TrainConfig, labelled: bool):
     return images, train, held
 
 
-def _fare_job(config, dist, device, amp) -> Job:
-    from .evaluate import fare_eval
+def _adversarial_job(config, dist, device, amp) -> Job:
+    """FARE (any images) or TeCoA (labelled images, class prompts through the model's text tower)."""
+    from .evaluate import fare_eval, tecoa_eval
     from .export import export_model
 
-    images, train, held = _image_split(config, labelled=False)
+    tecoa = config.method == "tecoa"
+    images, train, held = _image_split(config, labelled=tecoa)
+    names = tdata.read_classnames(config.classnames, images.classes) if tecoa else None
     plan = tdata.make_plan(len(train), config.batch_size, dist.world, config.micro_batch, config.steps, None)
-    encoder, source, _, ref, base = _load_base(config, device, with_text=False)
+    encoder, source, text_encoder, ref, base = _load_base(config, device, with_text=tecoa)
     train_items = [images.items[i] for i in train]
     tdata.check_readable(train_items, encoder.preprocess)
     encoder.backbone.requires_grad_(True)
-    method = FARE(encoder, config)
-    val, _ = held_out_pixels(images.items, held, encoder.preprocess, config.eval_size)
+    val, val_positions = held_out_pixels(images.items, held, encoder.preprocess, config.eval_size)
+    if tecoa:
+        text = text_embeddings(text_encoder, names, config.template).to(device)
+        del text_encoder
+        method = TeCoA(encoder, config, text)
+        labels = torch.tensor(images.labels)
+        train_labels, val_labels = labels[torch.tensor(train)], labels[torch.tensor(val_positions, dtype=torch.long)]
+    else:
+        method = FARE(encoder, config)
 
     def to_data(micro, positions, batch):
-        return _to_pixels(batch, device), set(positions)
-
-    batches = image_batches(plan, dist, config, train_items, encoder.preprocess, device, list, to_data)
+        x = _to_pixels(batch, device)
+        return ((x, train_labels[torch.tensor(positions)].to(device)) if tecoa else x), set(positions)
 
     def evaluate(step):
+        if not len(val):
+            return {}
+        if tecoa:
+            return tecoa_eval(encoder, text, val, val_labels, config.eps, config.norm, config.eval_iters,
+                              config.seed, device, amp)
         return fare_eval(encoder, method.teacher, val, config.eps, config.norm, config.eval_iters, config.seed,
-                         device, amp) if len(val) else {}
+                         device, amp)
 
+    batches = image_batches(plan, dist, config, train_items, encoder.preprocess, device, list, to_data)
     return Job(method, plan, batches, evaluate,
                lambda run_dir: export_model(run_dir, config, ref, source, encoder.backbone, encoder.preprocess, base),
                base)
-
-
-def _tecoa_job(config, dist, device, amp) -> Job:
-    from .evaluate import tecoa_eval
-    from .export import export_model
-
-    images, train, held = _image_split(config, labelled=True)
-    names = tdata.read_classnames(config.classnames, images.classes)
-    plan = tdata.make_plan(len(train), config.batch_size, dist.world, config.micro_batch, config.steps, None)
-    encoder, source, text_encoder, ref, base = _load_base(config, device, with_text=True)
-    train_items = [images.items[i] for i in train]
-    tdata.check_readable(train_items, encoder.preprocess)
-    text = text_embeddings(text_encoder, names, config.template).to(device)
-    del text_encoder
-    encoder.backbone.requires_grad_(True)
-    method = TeCoA(encoder, config, text)
-    labels = torch.tensor(images.labels)
-    train_labels = labels[torch.tensor(train)]
-    val, val_positions = held_out_pixels(images.items, held, encoder.preprocess, config.eval_size)
-    val_labels = labels[torch.tensor(val_positions, dtype=torch.long)]
-
-    def to_data(micro, positions, batch):
-        y = train_labels[torch.tensor(positions)].to(device)
-        return (_to_pixels(batch, device), y), set(positions)
-
-    batches = image_batches(plan, dist, config, train_items, encoder.preprocess, device, list, to_data)
-
-    def evaluate(step):
-        return tecoa_eval(encoder, text, val, val_labels, config.eps, config.norm, config.eval_iters,
-                          config.seed, device, amp) if len(val) else {}
-
-    return Job(method, plan, batches, evaluate,
-               lambda run_dir: export_model(run_dir, config, ref, source, encoder.backbone, encoder.preprocess, base),
-               base, )
 
 
 def _triplet_items(index):
