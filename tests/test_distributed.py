@@ -57,6 +57,11 @@ def test_srun_tasks_are_read_as_ranks():
     assert distributed.slurm_environment({**env, "SLURM_NTASKS": "1"}) == {}
     assert distributed.slurm_environment({"SLURM_NTASKS": "8"}) == {}
     assert distributed.slurm_environment({**env, "RANK": "0"}) == {}
+    # tasks per node, as torchrun's LOCAL_WORLD_SIZE: 8 tasks on nodes of 3, 3 and 2
+    per_node = {**env, "SLURM_STEP_TASKS_PER_NODE": "3(x2),2"}
+    assert [distributed.slurm_environment({**per_node, "SLURM_NODEID": n}).get("LOCAL_WORLD_SIZE")
+            for n in ("0", "1", "2", "3")] == ["3", "3", "2", None]
+    assert "LOCAL_WORLD_SIZE" not in distributed.slurm_environment({**env, "SLURM_TASKS_PER_NODE": "garbled"})
 
 
 def test_an_srun_task_without_master_addr_is_told_what_to_set(monkeypatch):

@@ -63,7 +63,32 @@ def slurm_environment(env=None) -> dict[str, str]:
         return {}
     if world <= 1:
         return {}
-    return {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": str(world), "LOCAL_RANK": env.get("SLURM_LOCALID", "0")}
+    out = {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": str(world), "LOCAL_RANK": env.get("SLURM_LOCALID", "0")}
+    local = _slurm_tasks_on_this_node(env)
+    if local:  # what torchrun sets too: io.data shares the node's cores among its processes by it
+        out["LOCAL_WORLD_SIZE"] = str(local)
+    return out
+
+
+def _slurm_tasks_on_this_node(env) -> int | None:
+    """The tasks of this job step on this node, from SLURM_STEP_TASKS_PER_NODE (or SLURM_TASKS_PER_NODE),
+    a list such as ``4(x2),3`` indexed by SLURM_NODEID; None when SLURM does not say.
+
+    >>> _slurm_tasks_on_this_node({"SLURM_STEP_TASKS_PER_NODE": "4(x2),3", "SLURM_NODEID": "2"})
+    3
+    """
+    text = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE")
+    if not text:
+        return None
+    counts: list[int] = []
+    try:
+        for group in text.split(","):
+            number, _, repeat = group.partition("(x")
+            counts += [int(number)] * (int(repeat.rstrip(")")) if repeat else 1)
+        node = int(env.get("SLURM_NODEID", "0"))
+    except ValueError:
+        return None
+    return counts[node] if 0 <= node < len(counts) else None
 
 
 def init(device: str = "auto") -> Dist:

@@ -418,7 +418,7 @@ def _save_adv(folder: Path, items, pixels) -> None:
 
 
 def _draw_grid(path: Path, results, pixels, attacked, items, positions, pool) -> None:
-    from ..io.outputs import atomic_path
+    from ..io.outputs import save_png
     from ..retrieval.grid import SheetRow, neighbour_sheet
 
     def tiles(neighbours):
@@ -432,9 +432,7 @@ def _draw_grid(path: Path, results, pixels, attacked, items, positions, pool) ->
         if attacked is not None:
             imgs, caps = tiles(result["attacked"]["neighbours"])
             rows.append(SheetRow(attacked.pixels[j], "attacked", imgs, caps))
-    sheet = neighbour_sheet(rows)
-    with atomic_path(path) as tmp:
-        sheet.save(tmp, format="PNG")
+    save_png(path, neighbour_sheet(rows))
 
 
 def _pool_pixels(pool, neighbour: dict):
@@ -785,7 +783,7 @@ def dedup_command(
     from ..retrieval.search import Searcher, exact_range
     from ..retrieval.sources import collect_items
 
-    pool = _open_pool(index, backend)[0] if index is not None else None
+    pool, backend = _open_pool(index, backend) if index is not None else (None, backend)
     listing = collect_items(sources)
     on_disk = path_inputs([*sources, index, model])
     specs = ([output_file("--report", report, FORMATS)] if report else []) + \
@@ -799,13 +797,13 @@ def dedup_command(
     kept_items = [items[p] for p in positions]
     stored = emb.cpu().numpy().astype(np.float16)
     pairs = []
-    for i, (ids, sims) in enumerate(exact_range(emb.cpu(), [stored], threshold)):
+    for i, (ids, sims) in enumerate(exact_range(emb, [stored], threshold, device=metric.device)):
         pairs += [(i, int(j)) for j in ids if int(j) != i]
     groups = duplicate_groups(len(kept_items), pairs)
     keep = keep_list(groups, len(kept_items))
     rows, matched = [], 0
     if pool is not None:
-        searcher = Searcher(pool, _open_pool(index, backend)[1], device=metric.device)
+        searcher = Searcher(pool, backend, device=metric.device)
         for i, (ids, sims) in enumerate(searcher.range(emb, threshold)):
             if len(ids):
                 keep[i] = False

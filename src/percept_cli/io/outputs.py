@@ -168,16 +168,24 @@ def _create_temp(folder: Path, stem: str) -> tuple[int, Path]:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | Path):
+def atomic_path(path: str | Path, *, fsync: bool = False):
     """Yield a temporary path next to ``path``; on success it replaces ``path`` atomically.
 
     The file gets the permissions a plain ``open(path, "w")`` would give (0666 minus the umask).
+    ``fsync``: flush the file's data to the disk before the rename (files whose loss on a power cut
+    would cost much work: training checkpoints, FAISS indexes).
     """
     target = Path(path)
     fd, tmp = _create_temp(target.parent, f".{target.name}")
     os.close(fd)
     try:
         yield tmp
+        if fsync:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):

@@ -27,7 +27,6 @@ from ..errors import BadInputError
 from ..io.outputs import atomic_path
 from .classify import knn_vote
 from .reports import ChunkedReport
-from .search import exact_topk
 from .sources import Item, Listing, iter_item_batches
 
 COLUMNS = ["key", "path", "member", "decision", "label", "nearest_key", "nearest_label", "similarity",
@@ -104,7 +103,9 @@ def run_filter(metric, index, searcher, listing: Listing, report: ChunkedReport,
     """
     start = time.perf_counter()
     codes, names = index.label_codes()
-    flagged_pool = flag_vectors(index, settings.flags) if settings.threshold is not None else None
+    flagged_pool = None
+    if settings.threshold is not None:  # the flag-class vectors, once, on the metric's device
+        flagged_pool = torch.from_numpy(flag_vectors(index, settings.flags)[0]).to(metric.device, torch.float32)
     items = listing.items
     chunks = list(range(0, len(items), settings.chunk_items))
     done = report.done()
@@ -142,18 +143,20 @@ def _classify_chunk(metric, searcher, stream, items: Sequence[Item], first: int,
     rows = {name: [None] * size for name in COLUMNS}
     for i, item in enumerate(items[first:first + size]):
         rows["key"][i], rows["path"][i], rows["member"][i] = item.key, item.path, item.member
+    embedded, local = [], []
     with torch.no_grad():
         for _ in range(0, size, batch_size):
             positions, batch, failures = next(stream)
-            local = [p - first for p in positions]
             for position, reason in failures:
                 rows["decision"][position - first], rows["error"][position - first] = "error", reason
             if batch is not None:
                 x = batch.to(metric.device, non_blocking=True).to(torch.float32).div_(255.0)
-                emb = metric.embed_pixels(x, check=False).float()
-                _decide(emb, local, rows, searcher, settings, codes, names, index, flagged_pool)
+                embedded.append(metric.embed_pixels(x, check=False).float())
+                local += [p - first for p in positions]
             if progress is not None:
                 progress(len(positions) + len(failures))
+        if embedded:  # one search per chunk: the pool is streamed once per chunk, not once per batch
+            _decide(torch.cat(embedded), local, rows, searcher, settings, codes, names, index, flagged_pool)
     return rows
 
 
@@ -164,9 +167,8 @@ def _decide(emb, positions, rows, searcher, settings, codes, names, index, flagg
     nearest_rows = index.rows(ids[:, 0].tolist(), ("key",))
     flag_sim = None
     if flagged_pool is not None:
-        vectors, _ = flagged_pool
-        if len(vectors):
-            flag_sim = exact_topk(emb.cpu(), [vectors], 1).sims[:, 0].numpy()
+        if len(flagged_pool):
+            flag_sim = (emb @ flagged_pool.T).max(dim=1).values.cpu().numpy()
         else:
             flag_sim = np.full(len(positions), -1.0, np.float32)
     for j, position in enumerate(positions):

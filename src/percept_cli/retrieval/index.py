@@ -450,7 +450,10 @@ class PoolIndex:
     def label_codes(self) -> tuple[np.ndarray, list[str]]:
         """((n,) int32 codes into ``names``, sorted label names); -1 for a vector without a label.
 
-        Computed in Arrow (dictionary encoding): no Python object per item."""
+        Computed in Arrow (dictionary encoding): no Python object per item; once per index object."""
+        cached = self.__dict__.get("_label_codes")
+        if cached is not None:
+            return cached
         column = self.metadata(("label",)).column("label").combine_chunks()
         encoded = pc.dictionary_encode(column)
         found = encoded.dictionary.to_pylist()
@@ -458,6 +461,7 @@ class PoolIndex:
         remap = np.array([names.index(name) for name in found] or [0], dtype=np.int32)
         indices = np.asarray(encoded.indices.fill_null(-1).to_numpy(zero_copy_only=False), dtype=np.int64)
         codes = np.where(indices >= 0, remap[np.clip(indices, 0, None)], -1).astype(np.int32)
+        self.__dict__["_label_codes"] = (codes, names)
         return codes, names
 
     def rows(self, ids: Sequence[int], columns: Sequence[str] = ("key", "path", "member", "label")) -> list[dict]:

@@ -567,17 +567,10 @@ def _pq_margin(search: _FaissSearch, queries: np.ndarray) -> float:
 def _write_files(faiss, fidx, folder: Path, stem: str, query_ids: np.ndarray) -> None:
     """The index and its recall query ids, each written to a temp name and os.replace'd."""
     folder.mkdir(parents=True, exist_ok=True)
-    with atomic_path(folder / f"{stem}.faiss") as tmp:
+    with atomic_path(folder / f"{stem}.faiss", fsync=True) as tmp:
         faiss.write_index(fidx, str(tmp))
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    with atomic_path(folder / f"{stem}.recall-queries.npy") as tmp, open(tmp, "wb") as fh:
+    with atomic_path(folder / f"{stem}.recall-queries.npy", fsync=True) as tmp, open(tmp, "wb") as fh:
         np.save(fh, query_ids)
-        fh.flush()
-        os.fsync(fh.fileno())
 
 
 def _remove_others(folder: Path, keep: set[str]) -> None:

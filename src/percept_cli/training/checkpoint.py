@@ -11,7 +11,6 @@ beyond ``keep`` are removed after the new one is in place.
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
@@ -62,9 +61,8 @@ def save_checkpoint(directory: Path, step: int, module: nn.Module, optimizer, sc
                 "scheduler": json.dumps(scheduler.state_dict()), "meta": json.dumps(meta)}
     path = directory / f"step_{step:08d}.safetensors"
     try:
-        with atomic_path(path) as tmp:
+        with atomic_path(path, fsync=True) as tmp:
             save_file(tensors, str(tmp), metadata=metadata)
-            _fsync(tmp)
         with atomic_path(directory / LATEST) as tmp:
             tmp.write_text(path.name + "\n", encoding="utf-8")
     except OSError as exc:
@@ -75,11 +73,6 @@ def save_checkpoint(directory: Path, step: int, module: nn.Module, optimizer, sc
     for old in sorted(p for p in directory.iterdir() if NAME.match(p.name))[:-max(1, keep)]:
         old.unlink(missing_ok=True)
     return path
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
 
 
 def latest_checkpoint(directory: Path) -> Path | None:
