@@ -128,6 +128,10 @@ def test_classify_confusion_and_or_with(built, queries, tmp_path):
                      "".join(f"{q},0\n" for q in sorted(queries.rglob('*.png')) if q.name != "q00.png"))
     combined = run_json("retrieve", "classify", queries, "--index", index, "--or-with", flags, "--device", "cpu")
     assert combined["counts"] == {"safe": 3, "unsafe": 5}
+    partial = tmp_path / "partial.csv"
+    partial.write_text("path,flag\n" + f"{queries / 'safe' / 'q00.png'},1\n")
+    missing = run("retrieve", "classify", queries, "--index", index, "--or-with", partial, "--device", "cpu")
+    assert missing.exit_code == 2 and "no flag for 7 of the 8 queries" in missing.output, missing.output
 
 
 def test_classify_targeted_attack_reports_both_tables(built, queries, pool, tmp_path):

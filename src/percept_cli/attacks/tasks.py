@@ -187,6 +187,7 @@ class EmbeddingReport:
     ``reference``: ``original`` (untargeted: distance to the image's own clean embedding) or
     ``targets`` (targeted: mean distance to the target embeddings). ``reference_embeddings``: what
     the distances are measured to, the clean embeddings (B, D) or the target embeddings (T, D).
+    ``clean_embeddings``: the images' own normalised clean embeddings (B, D).
     """
 
     reference: str
@@ -197,6 +198,7 @@ class EmbeddingReport:
     evaluations: int = 0
     distances_per_target: Optional[torch.Tensor] = field(default=None)
     reference_embeddings: Optional[torch.Tensor] = None
+    clean_embeddings: Optional[torch.Tensor] = None
 
 
 def attack_embedding(metric, images: torch.Tensor, targets: Optional[torch.Tensor] = None,
@@ -231,7 +233,8 @@ def attack_embedding(metric, images: torch.Tensor, targets: Optional[torch.Tenso
     clean_d, _ = _distances(clean, reference, untargeted)
     adv_d, per_target = _distances(adv, reference, untargeted)
     return EmbeddingReport("original" if untargeted else "targets", clean_d, adv_d, result.x_adv,
-                           lp_norm(result.x_adv - images, settings.norm), result.evaluations, per_target, reference)
+                           lp_norm(result.x_adv - images, settings.norm), result.evaluations, per_target, reference,
+                           clean)
 
 
 def _distances(emb: torch.Tensor, reference: torch.Tensor, untargeted: bool):
@@ -301,6 +304,7 @@ class RoundedAdversarial:
         similarity: 2AFC: (B, 2) ``[sim_left, sim_right]`` on the rounded pixels.
         distance: embedding: (B,) the distance the attack measured (to the image's clean self, or
             the mean over the targets), on the rounded pixels.
+        embeddings: (B, D) normalised fp32 embeddings of the rounded pixels.
     """
 
     pixels: torch.Tensor
@@ -308,6 +312,7 @@ class RoundedAdversarial:
     broken: Optional[torch.Tensor] = None
     similarity: Optional[torch.Tensor] = None
     distance: Optional[torch.Tensor] = None
+    embeddings: Optional[torch.Tensor] = None
 
 
 def rounded_2afc(metric, report: TwoAFCReport, ref: torch.Tensor, e_left: torch.Tensor, e_right: torch.Tensor,
@@ -327,7 +332,7 @@ def rounded_2afc(metric, report: TwoAFCReport, ref: torch.Tensor, e_left: torch.
     similarity = twoafc_logits(emb, e_left.to(emb.device), e_right.to(emb.device))
     label = report.label.to(emb.device)
     broken = ~is_correct(similarity[:, 0], similarity[:, 1], label)
-    return RoundedAdversarial(pixels, in_ball, broken=broken, similarity=similarity)
+    return RoundedAdversarial(pixels, in_ball, broken=broken, similarity=similarity, embeddings=emb)
 
 
 def rounded_embedding(metric, report: EmbeddingReport, images: torch.Tensor,
@@ -346,4 +351,4 @@ def rounded_embedding(metric, report: EmbeddingReport, images: torch.Tensor,
     pixels, in_ball = save_ready(report.x_adv, images, settings.eps, settings.norm)
     emb = _embed_fixed(metric, pixels)
     distance, _ = _distances(emb, report.reference_embeddings.to(emb.device), report.reference == "original")
-    return RoundedAdversarial(pixels, in_ball, distance=distance)
+    return RoundedAdversarial(pixels, in_ball, distance=distance, embeddings=emb)

@@ -519,7 +519,7 @@ def classify_command(
     from ..io.images import list_images
     from ..io.outputs import check_outputs, output_file, output_folder, path_inputs
     from ..retrieval.attack import TARGET_IMAGES, select_targets
-    from ..retrieval.classify import confusion, knn_vote, or_with as combine, read_flags_csv
+    from ..retrieval.classify import confusion, flags_for, knn_vote, or_with as combine, read_flags_csv
     from ..retrieval.reports import REPORT_FORMATS as FORMATS, write_rows
     from ..retrieval.sources import collect_items
 
@@ -536,7 +536,11 @@ def classify_command(
         if not attack_targets.is_dir():
             raise BadInputError(f"--attack-targets {attack_targets}: not a folder of images.")
         targets = select_targets([str(p) for p in list_images(attack_targets, recursive=True)], TARGET_IMAGES)
-    flags = read_flags_csv(or_with) if or_with is not None else None
+    flags = None
+    if or_with is not None:  # every query needs the other detector's verdict: checked before the model loads
+        verdicts = read_flags_csv(or_with)
+        flags = dict(zip((i.key for i in listing.items),
+                         flags_for([i.key for i in listing.items], verdicts, where=f"--or-with {or_with}")))
     on_disk = path_inputs([*queries, index, model, csv, or_with, attack_targets])
     specs = ([output_file("--out", out, FORMATS)] if out else []) + \
         ([output_folder("--save-adv", save_adv)] if save_adv else [])
@@ -556,7 +560,7 @@ def classify_command(
         hits = searcher.topk(embeddings, k)
         labels = knn_vote(hits.sims.cpu().numpy(), hits.ids.cpu().numpy(), codes, names, k=k, weighted=weighted)
         if flags is not None:
-            labels = combine(labels, [flags.get(i.key, False) for i in kept_items], flag_label=flag_label)
+            labels = combine(labels, [flags[i.key] for i in kept_items], flag_label=flag_label)
         return labels, hits
 
     clean_labels, clean_hits = predict(emb)

@@ -78,9 +78,8 @@ def attack_queries(metric, pixels: torch.Tensor, settings: AttackSettings, *, ta
         ids = torch.arange(start, start + len(x))
         report = attack_embedding(metric, x, targets, settings, example_ids=ids)
         ready = rounded_embedding(metric, report, x, settings)
-        with torch.no_grad():
-            clean.append(metric.embed_pixels(x, check=False).float())
-            adversarial.append(metric.embed_pixels(ready.pixels, check=False).float())
+        clean.append(report.clean_embeddings.float())  # both computed once, by the attack and the rounding
+        adversarial.append(ready.embeddings.float())
         rounded.append(ready.pixels.cpu())
         in_ball.append(ready.in_ball.cpu())
         evaluations += report.evaluations

@@ -556,20 +556,12 @@ def _embed_batches(metric, pixels: torch.Tensor, batch_size: int, progress: Prog
 
 
 def _attack_queries(metric, pixels: torch.Tensor, settings, batch_size: int,
-                    progress: Progress | None) -> tuple[torch.Tensor, float]:
-    """Adversarial query embeddings (fp32 forward of the attack's points) and the mean 1 - cos each
-    moved from its clean embedding."""
-    from ..attacks.tasks import attack_embedding
+                    progress: Progress | None) -> tuple[torch.Tensor, float | None]:
+    """Embeddings of the attacked queries as saved images (8-bit, inside the ball: the attack
+    ``search``/``classify`` run, :func:`.attack.attack_queries`), and the mean 1 - cos each moved
+    from its clean embedding."""
+    from .attack import attack_queries
 
-    rows, distances = [], []
-    for start in range(0, len(pixels), batch_size):
-        chunk = pixels[start:start + batch_size]
-        ids = torch.arange(start, start + len(chunk))
-        report = attack_embedding(metric, chunk, None, settings, example_ids=ids)
-        with torch.no_grad():
-            rows.append(metric.embed_pixels(report.x_adv, check=False).float())
-        distances.append(report.adv_distance.detach().float().cpu())
-        if progress:
-            progress(len(chunk))
-    distance = float(torch.cat(distances).mean())
-    return torch.cat(rows), (distance if math.isfinite(distance) else None)
+    result = attack_queries(metric, pixels, settings, batch_size=batch_size, progress=progress)
+    distance = float((1 - (result.clean * result.adversarial).sum(-1)).mean())
+    return result.adversarial, (distance if math.isfinite(distance) else None)
