@@ -359,17 +359,17 @@ def assert_same_index(a: Path, b: Path) -> None:
 
 @pytest.fixture
 def loaders(monkeypatch):
-    """The keyword arguments of every DataLoader the decoding makes (sources' namespace)."""
-    import percept_cli.retrieval.sources as sources_module
+    """The keyword arguments of every DataLoader the decoding makes (io.data builds them all)."""
+    import percept_cli.io.data as data_module
 
     made: list[dict] = []
-    real = sources_module.DataLoader
+    real = data_module.DataLoader
 
     def counting(*args, **kwargs):
         made.append(kwargs)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(sources_module, "DataLoader", counting)
+    monkeypatch.setattr(data_module, "DataLoader", counting)
     return made
 
 

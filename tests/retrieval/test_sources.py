@@ -354,16 +354,16 @@ def test_explicit_batches_are_yielded_as_given_with_failures_in_place(tree, tmp_
 
 
 def test_explicit_batches_one_loader_not_cut_by_batch_size_and_checked(tree, monkeypatch):
-    import percept_cli.retrieval.sources as sources_module
+    import percept_cli.io.data as data_module  # where every decoding DataLoader is built
 
     made = []
-    real = sources_module.DataLoader
+    real = data_module.DataLoader
 
     def counting(*args, **kwargs):
         made.append(kwargs)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(sources_module, "DataLoader", counting)
+    monkeypatch.setattr(data_module, "DataLoader", counting)
     items = collect_items([tree]).items
     got = list(iter_item_batches(items, PRE, 1, batches=[[3, 1, 0, 2]]))  # batch_size does not cut it
     assert [(pos, tuple(px.shape)) for pos, px, _ in got] == [([3, 1, 0, 2], (4, 3, 16, 16))]

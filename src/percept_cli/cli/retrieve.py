@@ -145,12 +145,13 @@ def _build(sources, out: Path, labels: str, mode: str, part_size: Optional[int],
         metric = _metric_for(existing, common, output, requested, distributed.device_for(dist, common.device))
         for problem in listing.problems:
             output.warn(f"{problem.path}: {problem.reason}")
-        todo = pool_index.plan_build(metric, listing, out, mode=mode, part_size=part_size,
-                                     storage_dtype=storage_dtype).to_embed if dist.is_main else 0
-        with output.progress(todo, "Indexing") as advance:
+        prepared = pool_index.prepare_build(metric, listing, out, mode=mode, part_size=part_size,
+                                            storage_dtype=storage_dtype)
+        with output.progress(prepared.plan.to_embed if dist.is_main else 0, "Indexing") as advance:
             summary = pool_index.build_index(metric, listing, out, mode=mode, part_size=part_size,
                                              storage_dtype=storage_dtype, batch_size=common.batch_size,
-                                             num_workers=common.workers, dist=dist, progress=advance)
+                                             num_workers=common.workers, dist=dist, progress=advance,
+                                             prepared=prepared)
         faiss_info = _maybe_faiss(pool_index.open_index(out), faiss_kind, common.seed, output) if dist.is_main else None
     finally:
         distributed.shutdown(dist)

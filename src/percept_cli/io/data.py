@@ -107,12 +107,27 @@ def iter_file_batches(paths: Sequence[str | Path], preprocess: Preprocess, batch
     come in page-locked memory, so a ``.to("cuda", non_blocking=True)`` copy overlaps compute.
     Workers are not persistent: each call makes one pass over its files.
     """
-    workers = default_workers(len(paths), batch_size) if num_workers is None else num_workers
     dataset = ImageFileDataset(paths, preprocess)
-    # batches in flight: 4 per worker for one or two workers, 2 (torch's default) for more
-    prefetch = (4 if workers <= 2 else 2) if workers else None
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                        collate_fn=_collate, pin_memory=pin_memory, prefetch_factor=prefetch,
-                        persistent_workers=False)
+    loader = decoding_loader(dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory)
     for indices, batch, failed in loader:
         yield indices, batch, [Failure(dataset.paths[i], err) for i, err in failed]
+
+
+def decoding_loader(dataset: ImageFileDataset, *, batch_size: int = 1, batch_sampler=None,
+                    num_workers: int | None = None, pin_memory: bool = False) -> DataLoader:
+    """A one-pass DataLoader over ``dataset`` yielding (indices, uint8 batch or None, [(index, reason)]):
+    consecutive batches of ``batch_size`` in order, or the batches of ``batch_sampler``.
+
+    ``num_workers`` None: :func:`default_workers` (for explicit batches: none for a single batch, else one
+    per batch up to the cores available).
+    """
+    if batch_sampler is None:
+        workers = default_workers(len(dataset), batch_size) if num_workers is None else num_workers
+        batching = {"batch_size": batch_size, "shuffle": False}
+    else:
+        workers = default_workers(len(batch_sampler), 1) if num_workers is None else num_workers
+        batching = {"batch_sampler": batch_sampler}
+    # batches in flight: 4 per worker for one or two workers, 2 (torch's default) for more
+    prefetch = (4 if workers <= 2 else 2) if workers else None
+    return DataLoader(dataset, num_workers=workers, collate_fn=_collate, pin_memory=pin_memory,
+                      prefetch_factor=prefetch, persistent_workers=False, **batching)

@@ -811,8 +811,9 @@ def _check_storage(old: PoolIndex | None, storage_dtype: str | None, root: Path)
 
 
 @dataclass
-class _Setup:
-    """What a build starts from: the existing index (or None), the model's identity, the settings, the plan."""
+class PreparedBuild:
+    """What a build starts from: the existing index (or None), the model's identity, the settings, the plan
+    (:func:`prepare_build`; ``plan.to_embed`` is e.g. a progress bar's total)."""
 
     old: PoolIndex | None
     identity: dict
@@ -821,8 +822,15 @@ class _Setup:
     plan: BuildPlan
 
 
-def _prepare(metric, listing: Listing, root: Path, mode: str, part_size: int | None,
-             storage_dtype: str | None) -> _Setup:
+def prepare_build(metric, listing: Listing, out: str | Path, *, mode: str = "sync", part_size: int | None = None,
+                  storage_dtype: str | None = None) -> PreparedBuild:
+    """Check the settings against the index at ``out`` and plan the build (nothing written); give the result
+    to :func:`build_index` (``prepared=``) so the listing and the old metadata are planned once.
+
+    Raises:
+        BadInputError: as :func:`build_index` before any work.
+    """
+    root = Path(out)
     if mode not in MODES:
         raise BadInputError(f"mode must be one of {', '.join(MODES)} (got {mode!r}).")
     old = _existing_index(root)
@@ -833,7 +841,7 @@ def _prepare(metric, listing: Listing, root: Path, mode: str, part_size: int | N
     size = int(part_size or (old.manifest.get("part_size") if old is not None else None) or DEFAULT_PART_SIZE)
     plan = plan_parts(_old_parts(old) if old is not None else [], listing.items, mode=mode, part_size=size,
                       digest=model_digest(identity, storage))
-    return _Setup(old, identity, storage, size, plan)
+    return PreparedBuild(old, identity, storage, size, plan)
 
 
 def plan_build(metric, listing: Listing, out: str | Path, *, mode: str = "sync", part_size: int | None = None,
@@ -845,13 +853,14 @@ def plan_build(metric, listing: Listing, out: str | Path, *, mode: str = "sync",
     Raises:
         BadInputError: as :func:`build_index` before any work.
     """
-    return _prepare(metric, listing, Path(out), mode, part_size, storage_dtype).plan
+    return prepare_build(metric, listing, out, mode=mode, part_size=part_size, storage_dtype=storage_dtype).plan
 
 
 @torch.no_grad()
 def build_index(metric, listing: Listing, out: str | Path, *, mode: str = "sync", part_size: int | None = None,
                 storage_dtype: str | None = None, batch_size: int | None = None, num_workers: int | None = None,
-                dist: Dist = Dist(), progress: Progress | None = None) -> BuildSummary:
+                dist: Dist = Dist(), progress: Progress | None = None,
+                prepared: PreparedBuild | None = None) -> BuildSummary:
     """Build or update the index at ``out`` from ``listing`` with ``metric``'s embeddings.
 
     Args:
@@ -862,6 +871,7 @@ def build_index(metric, listing: Listing, out: str | Path, *, mode: str = "sync"
         batch_size, num_workers: embedding batches (None: the metric's) and decoding processes.
         dist: this process's place under torchrun (every rank calls this with the same listing).
         progress: called with the number of items this process has just decoded and embedded.
+        prepared: :func:`prepare_build`'s result for these same arguments (None: planned here).
 
     Returns:
         The same :class:`BuildSummary` on every rank.
@@ -872,7 +882,8 @@ def build_index(metric, listing: Listing, out: str | Path, *, mode: str = "sync"
     """
     start = time.perf_counter()
     root = Path(out)
-    setup = _prepare(metric, listing, root, mode, part_size, storage_dtype)
+    setup = prepared or prepare_build(metric, listing, root, mode=mode, part_size=part_size,
+                                      storage_dtype=storage_dtype)
     old, identity, storage, size, plan = setup.old, setup.identity, setup.storage, setup.part_size, setup.plan
     parts_dir = root / PARTS
     parts_dir.mkdir(parents=True, exist_ok=True)

@@ -35,10 +35,9 @@ from typing import Iterable, Iterator, Sequence
 
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader
 
 from ..errors import BadInputError, ImageReadError
-from ..io.data import Failure, ImageFileDataset, _collate, default_workers
+from ..io.data import Failure, ImageFileDataset, decoding_loader
 from ..io.images import IMAGE_EXTENSIONS, path_problem, read_image, read_image_bytes
 from ..io.preprocess import Preprocess
 
@@ -494,20 +493,11 @@ def iter_item_batches(items: Sequence[Item], preprocess: Preprocess, batch_size:
     """
     if batch_size < 1:
         raise BadInputError(f"batch_size must be at least 1 (got {batch_size}).")
-    dataset = ImageFileDataset(items, preprocess, read=read_item)
-    if batches is None:
-        workers = default_workers(len(items), batch_size) if num_workers is None else num_workers
-        batching = {"batch_size": batch_size, "shuffle": False}
-    else:
+    if batches is not None:
         _check_batches(batches, len(items))
-        # as default_workers: none for a single batch, else one per batch up to the cores available
-        workers = default_workers(len(batches), 1) if num_workers is None else num_workers
-        batching = {"batch_sampler": _ExplicitBatches(batches)}
-    prefetch = (4 if workers <= 2 else 2) if workers else None
-    loader = DataLoader(dataset, num_workers=workers, collate_fn=_collate, pin_memory=pin_memory,
-                        prefetch_factor=prefetch, persistent_workers=False, **batching)
-    for positions, batch, failed in loader:
-        yield positions, batch, failed
+    sampler = _ExplicitBatches(batches) if batches is not None else None
+    yield from decoding_loader(ImageFileDataset(items, preprocess, read=read_item), batch_size=batch_size,
+                               batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory)
 
 
 class _ExplicitBatches:
